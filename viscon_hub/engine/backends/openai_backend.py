@@ -1,0 +1,151 @@
+"""Any OpenAI-compatible chat endpoint (OpenAI, a vLLM or SGLang server) through the async client on aiohttp.
+
+The client's own retries are off: the engine retries, so that ``Retry-After`` and permanent errors
+are handled in one place. The API key never appears in an error message.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import time
+from typing import Any
+
+from ...errors import ConfigError
+from ..request import Completion, Request
+from .base import BackendError, ImageLoader, openai_messages, require
+
+_PERMANENT_STATUS = {400, 413, 422}
+_FATAL_STATUS = {401, 403, 404}
+
+
+class OpenAIBackend:
+    name = "openai"
+    max_batch = 1
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        image_loader: ImageLoader,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout_s: float = 120.0,
+    ) -> None:
+        openai = require("openai", "openai")
+        self.model = model
+        self.image_loader = image_loader
+        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
+        key = api_key or os.environ.get("OPENAI_API_KEY")
+        if not key:
+            if self.base_url is None:
+                raise ConfigError(
+                    "openai backend: set OPENAI_API_KEY (or pass --base-url for a local server)"
+                )
+            key = "EMPTY"  # local vLLM / SGLang servers accept any key
+        self._secret = key
+        try:
+            http_client = openai.DefaultAioHttpClient()
+        except RuntimeError as e:
+            raise ConfigError(f"{e}: pip install 'viscon-hub[openai]'") from None
+        self.client = openai.AsyncOpenAI(
+            api_key=key, base_url=self.base_url, max_retries=0, timeout=timeout_s, http_client=http_client
+        )
+        self._openai = openai
+
+    def _clean(self, text: str) -> str:
+        return text.replace(self._secret, "***") if self._secret and self._secret != "EMPTY" else text
+
+    async def complete(self, request: Request) -> Completion:
+        openai = self._openai
+        sampling = request.sampling
+        extra: dict[str, Any] = {}
+        for name in (
+            "temperature",
+            "top_p",
+            "max_tokens",
+            "seed",
+            "stop",
+            "presence_penalty",
+            "frequency_penalty",
+        ):
+            if name in sampling:
+                extra[name] = sampling[name]
+        started = time.perf_counter()
+        try:
+            response = await self.client.chat.completions.create(
+                model=self.model, messages=openai_messages(request, self.image_loader), **extra
+            )
+        except openai.APIStatusError as e:
+            status = e.status_code
+            message = self._clean(f"HTTP {status}: {_short(e)}")
+            if status in _FATAL_STATUS:
+                raise ConfigError(
+                    f"openai backend at {self.base_url or 'api.openai.com'}: {message}"
+                ) from None
+            if status == 429 or status >= 500 or status == 408 or status == 409:
+                raise BackendError(
+                    message, kind="transient", retry_after=_retry_after(e.response), status=status
+                ) from None
+            kind = "permanent" if status in _PERMANENT_STATUS else "transient"
+            raise BackendError(message, kind=kind, status=status) from None
+        except openai.APITimeoutError:
+            raise BackendError("timeout", kind="transient") from None
+        except openai.APIConnectionError as e:
+            raise BackendError(self._clean(f"connection error: {_short(e)}"), kind="transient") from None
+        except openai.APIResponseValidationError as e:
+            raise BackendError(self._clean(f"malformed response: {_short(e)}"), kind="transient") from None
+        except ValueError as e:  # a body that is not JSON at all
+            raise BackendError(self._clean(f"malformed response: {_short(e)}"), kind="transient") from None
+        latency = time.perf_counter() - started
+        choices = getattr(response, "choices", None) or []
+        if not choices or getattr(choices[0], "message", None) is None:
+            raise BackendError("malformed response: no choices", kind="transient")
+        choice = choices[0]
+        content = choice.message.content
+        if not isinstance(content, str):
+            raise BackendError("malformed response: message has no text content", kind="transient")
+        usage = getattr(response, "usage", None)
+        return Completion(
+            key=request.key,
+            reply=content,
+            finish_reason=choice.finish_reason,
+            prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+            completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+            latency_s=latency,
+        )
+
+    async def complete_batch(self, requests: list[Request]) -> list[Completion | BackendError]:
+        out: list[Completion | BackendError] = []
+        for r in requests:
+            try:
+                out.append(await self.complete(r))
+            except BackendError as e:
+                out.append(e)
+        return out
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+
+def _short(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text[:300]
+
+
+def _retry_after(response: Any) -> float | None:
+    headers = getattr(response, "headers", None) or {}
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return float(ms) / 1000.0
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        return max(0.0, parsed.timestamp() - time.time()) if parsed else None

@@ -1,0 +1,118 @@
+"""Small local models with ``transformers``: a vision-language model when images are present, else a
+causal LM. One request at a time (a lock keeps the model single-threaded); meant for small models,
+tests and debugging, not for throughput.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from typing import Any
+
+from ..request import Completion, Request
+from .base import BackendError, ImageLoader, require
+
+
+class TransformersBackend:
+    name = "transformers"
+    max_batch = 1
+
+    def __init__(self, model: str, *, image_loader: ImageLoader, device: str | None = None,
+                 dtype: str | None = None, **options: Any) -> None:
+        torch = require("torch", "transformers")
+        transformers = require("transformers", "transformers")
+        self.model = model
+        self.image_loader = image_loader
+        self._torch = torch
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        kwargs: dict[str, Any] = {}
+        if dtype:
+            kwargs["dtype"] = getattr(torch, dtype)
+        self.processor = None
+        try:
+            self.processor = transformers.AutoProcessor.from_pretrained(model)
+            self.net = transformers.AutoModelForImageTextToText.from_pretrained(model, **kwargs)
+        except (ValueError, OSError, KeyError):
+            # Not a vision-language checkpoint: a text-only causal LM (the Q&A stages need no image).
+            self.processor = None
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(model)
+            self.net = transformers.AutoModelForCausalLM.from_pretrained(model, **kwargs)
+        self.net.to(self.device).eval()
+        self._lock = asyncio.Lock()
+
+    def _inputs(self, request: Request):
+        from PIL import Image
+
+        if self.processor is None and request.images:
+            raise BackendError(f"{self.model} is a text-only model and cannot read images", kind="permanent")
+        messages, images = [], []
+        for m in request.messages:
+            content = m["content"]
+            if isinstance(content, list):
+                parts = []
+                for part in content:
+                    if part.get("type") == "image":
+                        try:
+                            data = self.image_loader(part["sha256"])
+                            images.append(Image.open(io.BytesIO(data)).convert("RGB"))
+                        except Exception as e:  # noqa: BLE001 - any unreadable image fails this request only
+                            raise BackendError(f"image {part['sha256'][:12]} unreadable: {e}", kind="permanent") from None
+                        parts.append({"type": "image"})
+                    else:
+                        parts.append(part)
+                content = parts
+            messages.append({"role": m["role"], "content": content})
+        if self.processor is not None:
+            prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+            return self.processor(text=prompt, images=images or None, return_tensors="pt")
+        text_messages = [
+            {"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
+             else "".join(p.get("text", "") for p in m["content"])}
+            for m in messages
+        ]
+        return self.tokenizer.apply_chat_template(text_messages, add_generation_prompt=True, return_tensors="pt",
+                                                  return_dict=True)
+
+    def _generate(self, request: Request) -> Completion:
+        torch = self._torch
+        s = request.sampling
+        inputs = self._inputs(request).to(self.device)
+        temperature = float(s.get("temperature", 0.0))
+        if s.get("seed") is not None:
+            torch.manual_seed(int(s["seed"]))
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = self.net.generate(
+                **inputs,
+                max_new_tokens=int(s.get("max_tokens", 256)),
+                do_sample=temperature > 0,
+                temperature=temperature if temperature > 0 else None,
+                top_p=float(s.get("top_p", 1.0)) if temperature > 0 else None,
+            )
+        prompt_len = inputs["input_ids"].shape[1]
+        new = out[0, prompt_len:]
+        decoder = self.processor if self.processor is not None else self.tokenizer
+        text = decoder.decode(new, skip_special_tokens=True)
+        eos = getattr(self.net.generation_config, "eos_token_id", None)
+        eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        finished = bool(len(new)) and int(new[-1]) in eos_ids
+        return Completion(key=request.key, reply=text, finish_reason="stop" if finished else "length",
+                          prompt_tokens=int(prompt_len), completion_tokens=int(len(new)),
+                          latency_s=time.perf_counter() - started)
+
+    async def complete(self, request: Request) -> Completion:
+        async with self._lock:
+            return await asyncio.to_thread(self._generate, request)
+
+    async def complete_batch(self, requests: list[Request]) -> list[Completion | BackendError]:
+        out: list[Completion | BackendError] = []
+        for r in requests:
+            try:
+                out.append(await self.complete(r))
+            except BackendError as e:
+                out.append(e)
+        return out
+
+    async def aclose(self) -> None:
+        self.net = None

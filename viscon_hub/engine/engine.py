@@ -1,0 +1,361 @@
+"""The engine: the one place where model calls happen.
+
+It answers from the cache first, calls the backend only for misses, and owns bounded concurrency,
+requests- and tokens-per-minute limits, retries with exponential backoff and jitter that honour
+``Retry-After``, a cap on attempts, and token and cost accounting. Every reply (and every permanent
+error) is stored the moment it arrives, so a killed run resumes without repeating a stored call.
+
+>>> import tempfile
+>>> from viscon_hub.engine import Engine, EngineConfig, GenerationCache, Request
+>>> engine = Engine(cache=GenerationCache(tempfile.mkdtemp()), config=EngineConfig(offline=True))
+>>> req = Request.create(stage="s", model="m", template_id="t", template_version=1,
+...                      messages=[{"role": "user", "content": "hi"}], sampling={})
+>>> engine.run([req], backend=None)[0].error
+'offline: not in cache'
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+from ..errors import ConfigError
+from .backends.base import Backend, BackendError
+from .cache import GenerationCache
+from .prices import PriceTable
+from .request import Completion, Request
+
+logger = logging.getLogger(__name__)
+
+OFFLINE_MISS = "offline: not in cache"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineConfig:
+    """How hard the engine may push a backend. Validated on creation."""
+
+    max_concurrency: int = 64
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+    max_attempts: int = 5
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+    retry_after_max_s: float = 300.0
+    offline: bool = False
+    jitter_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_concurrency < 1:
+            raise ConfigError(f"--max-concurrency must be >= 1; got {self.max_concurrency}")
+        if self.max_attempts < 1:
+            raise ConfigError(f"max_attempts must be >= 1; got {self.max_attempts}")
+        for name in ("requests_per_minute", "tokens_per_minute"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be > 0 when set; got {value}")
+        if self.backoff_base_s < 0 or self.backoff_max_s < self.backoff_base_s:
+            raise ConfigError(
+                f"backoff needs 0 <= base <= max; got base={self.backoff_base_s}, max={self.backoff_max_s}"
+            )
+
+
+@dataclass(slots=True)
+class RunReport:
+    """What a run asked, what the cache answered, what was called, and what it cost."""
+
+    requests: int = 0
+    unique: int = 0
+    cache_hits: int = 0
+    calls: int = 0
+    attempts: int = 0
+    retries: int = 0
+    succeeded: int = 0
+    permanent_errors: int = 0
+    transient_errors: int = 0
+    offline_misses: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    by_model: dict = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+    def add_usage(self, model: str, c: Completion, prices: PriceTable) -> None:
+        cost = prices.cost(model, c.prompt_tokens, c.completion_tokens)
+        self.prompt_tokens += c.prompt_tokens
+        self.completion_tokens += c.completion_tokens
+        self.cost_usd += cost
+        m = self.by_model.setdefault(
+            model, {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
+        )
+        m["calls"] += 1
+        m["prompt_tokens"] += c.prompt_tokens
+        m["completion_tokens"] += c.completion_tokens
+        m["cost_usd"] += cost
+
+    def merge(self, other: RunReport) -> None:
+        for name in (
+            "requests",
+            "unique",
+            "cache_hits",
+            "calls",
+            "attempts",
+            "retries",
+            "succeeded",
+            "permanent_errors",
+            "transient_errors",
+            "offline_misses",
+            "prompt_tokens",
+            "completion_tokens",
+            "cost_usd",
+            "elapsed_s",
+        ):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for model, m in other.by_model.items():
+            mine = self.by_model.setdefault(model, dict.fromkeys(m, 0))
+            for k, v in m.items():
+                mine[k] = mine.get(k, 0) + v
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["cost_usd"] = round(d["cost_usd"], 6)
+        return d
+
+
+class _TokenBucket:
+    """A rate in units per second with a burst of ``capacity``; ``acquire`` waits for room."""
+
+    def __init__(self, per_minute: float) -> None:
+        self.rate = per_minute / 60.0
+        self.capacity = max(1.0, per_minute / 60.0 * 5)  # up to five seconds' worth at once
+        self.tokens = self.capacity
+        self.stamp = time.monotonic()
+        self.lock = asyncio.Lock()
+
+    async def acquire(self, amount: float) -> None:
+        amount = min(amount, self.capacity)
+        async with self.lock:
+            while True:
+                now = time.monotonic()
+                self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+                self.stamp = now
+                if self.tokens >= amount:
+                    self.tokens -= amount
+                    return
+                await asyncio.sleep((amount - self.tokens) / self.rate)
+
+
+class Engine:
+    """Cache-first, bounded, polite model calls. One engine can serve several stages and backends."""
+
+    def __init__(
+        self, *, cache: GenerationCache, config: EngineConfig | None = None, prices: PriceTable | None = None
+    ) -> None:
+        self.cache = cache
+        self.config = config or EngineConfig()
+        self.prices = prices or PriceTable.load()
+        self.report = RunReport()
+        self._rng = random.Random(self.config.jitter_seed)
+
+    # -- planning ------------------------------------------------------------------------------
+    def plan(self, requests: Sequence[Request]) -> dict:
+        """What running ``requests`` would do, calling nothing: counts, cache hits, tokens and cost."""
+        unique = {r.key: r for r in requests}
+        misses = [r for k, r in unique.items() if self.cache.get(k) is None]
+        prompt = sum(r.estimated_prompt_tokens() for r in misses)
+        completion = sum(r.max_tokens // 2 for r in misses)  # replies rarely use their whole budget
+        cost = sum(self.prices.cost(r.model, r.estimated_prompt_tokens(), r.max_tokens // 2) for r in misses)
+        return {
+            "requests": len(requests),
+            "unique": len(unique),
+            "cached": len(unique) - len(misses),
+            "to_call": len(misses),
+            "estimated_prompt_tokens": prompt,
+            "estimated_completion_tokens": completion,
+            "estimated_cost_usd": round(cost, 4),
+        }
+
+    # -- running -------------------------------------------------------------------------------
+    def run(
+        self,
+        requests: Sequence[Request],
+        *,
+        backend: Backend | None,
+        progress: Callable[[RunReport], None] | None = None,
+    ) -> list[Completion]:
+        """Synchronous wrapper of :meth:`arun` (runs its own event loop, also from a worker thread)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.arun(requests, backend=backend, progress=progress))
+        box: list = []
+        thread = threading.Thread(
+            target=lambda: box.append(asyncio.run(self.arun(requests, backend=backend, progress=progress)))
+        )
+        thread.start()
+        thread.join()
+        return box[0]
+
+    async def arun(
+        self,
+        requests: Sequence[Request],
+        *,
+        backend: Backend | None,
+        progress: Callable[[RunReport], None] | None = None,
+    ) -> list[Completion]:
+        """One completion per request, in order: from the cache, or from ``backend`` (then stored)."""
+        started = time.perf_counter()
+        report = RunReport(requests=len(requests))
+        unique: dict[str, Request] = {}
+        for r in requests:
+            unique.setdefault(r.key, r)
+        report.unique = len(unique)
+        results: dict[str, Completion] = {}
+        misses: list[Request] = []
+        for key, r in unique.items():
+            hit = self.cache.get(key)
+            if hit is not None:
+                hit.from_cache = True
+                results[key] = hit
+                report.cache_hits += 1
+            else:
+                misses.append(r)
+        if misses and (self.config.offline or backend is None):
+            for r in misses:
+                results[r.key] = Completion(
+                    key=r.key,
+                    error=OFFLINE_MISS,
+                    model=r.model,
+                    stage=r.stage,
+                    template_id=r.template_id,
+                    template_version=r.template_version,
+                    attempts=0,
+                )
+            report.offline_misses += len(misses)
+            misses = []
+        if misses:
+            assert backend is not None
+            await self._call_all(misses, backend, results, report, progress)
+        report.elapsed_s = time.perf_counter() - started
+        self.report.merge(report)
+        self.last_report = report
+        return [results[r.key] for r in requests]
+
+    async def _call_all(
+        self,
+        misses: list[Request],
+        backend: Backend,
+        results: dict[str, Completion],
+        report: RunReport,
+        progress: Callable[[RunReport], None] | None,
+    ) -> None:
+        rpm = _TokenBucket(self.config.requests_per_minute) if self.config.requests_per_minute else None
+        tpm = _TokenBucket(self.config.tokens_per_minute) if self.config.tokens_per_minute else None
+        batch_size = max(1, int(getattr(backend, "max_batch", 1)))
+        queue: list[list[Request]] = [misses[i : i + batch_size] for i in range(0, len(misses), batch_size)]
+        queue.reverse()
+        workers = 1 if batch_size > 1 else min(self.config.max_concurrency, len(queue))
+
+        async def worker() -> None:
+            while queue:
+                batch = queue.pop()
+                for r in batch:
+                    if rpm is not None:
+                        await rpm.acquire(1)
+                    if tpm is not None:
+                        await tpm.acquire(r.estimated_prompt_tokens() + r.max_tokens)
+                if batch_size == 1:
+                    done = [await self._call_one(batch[0], backend, report)]
+                else:
+                    done = await self._call_batch(batch, backend, report)
+                for r, c in zip(batch, done, strict=True):
+                    results[r.key] = c
+                    if progress is not None:
+                        progress(report)
+
+        tasks = [asyncio.create_task(worker()) for _ in range(workers)]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        finally:
+            self.cache.flush()
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            # The server said when; a little jitter keeps a crowd of waiters from returning at once.
+            return min(retry_after, self.config.retry_after_max_s) + self._rng.uniform(0, 0.05)
+        ceiling = min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** (attempt - 1))
+        return ceiling * (0.5 + self._rng.random() / 2)
+
+    def _finish(self, r: Request, c: Completion, attempts: int, report: RunReport) -> Completion:
+        c.key = r.key
+        c.model, c.stage = r.model, r.stage
+        c.template_id, c.template_version = r.template_id, r.template_version
+        c.attempts = attempts
+        c.timestamp = time.time()
+        self.cache.put(c)
+        if c.ok:
+            report.succeeded += 1
+            report.add_usage(r.model, c, self.prices)
+        elif c.error_kind == "permanent":
+            report.permanent_errors += 1
+        else:
+            report.transient_errors += 1
+        return c
+
+    def _failure(self, r: Request, e: BackendError) -> Completion:
+        return Completion(
+            key=r.key, error=str(e), error_kind="permanent" if e.kind == "permanent" else "transient"
+        )
+
+    async def _call_one(self, r: Request, backend: Backend, report: RunReport) -> Completion:
+        report.calls += 1
+        attempt = 0
+        while True:
+            attempt += 1
+            report.attempts += 1
+            try:
+                c = await backend.complete(r)
+            except BackendError as e:
+                if e.kind == "permanent" or attempt >= self.config.max_attempts:
+                    return self._finish(r, self._failure(r, e), attempt, report)
+                report.retries += 1
+                delay = self._delay(attempt, e.retry_after)
+                logger.debug("retrying %s in %.2fs after: %s", r.key[:12], delay, e)
+                await asyncio.sleep(delay)
+                continue
+            return self._finish(r, c, attempt, report)
+
+    async def _call_batch(
+        self, batch: list[Request], backend: Backend, report: RunReport
+    ) -> list[Completion]:
+        report.calls += len(batch)
+        done: dict[str, Completion] = {}
+        pending = list(batch)
+        attempt = 0
+        while pending:
+            attempt += 1
+            report.attempts += len(pending)
+            outcomes = await backend.complete_batch(pending)
+            retry = []
+            for r, out in zip(pending, outcomes, strict=True):
+                if isinstance(out, BackendError):
+                    if out.kind == "permanent" or attempt >= self.config.max_attempts:
+                        done[r.key] = self._finish(r, self._failure(r, out), attempt, report)
+                    else:
+                        retry.append(r)
+                else:
+                    done[r.key] = self._finish(r, out, attempt, report)
+            if retry:
+                report.retries += len(retry)
+                await asyncio.sleep(self._delay(attempt, None))
+            pending = retry
+        return [done[r.key] for r in batch]

@@ -1,0 +1,1 @@
+"""Model stages: prompt templates, requests built from image contexts, and reply parsers."""

@@ -1,0 +1,76 @@
+"""The bundled cache: handwritten stand-ins for model output on the bundled sample.
+
+``viscon_hub/data/handwritten/sample_generations.jsonl`` holds captions and Q&A replies that a
+person wrote for the 36 image contexts of the bundled sample. This module turns them into cache
+entries under the model name ``handwritten-example`` (never a real model's name), keyed by the very
+requests the stages build, so that the quickstart runs offline. The shipped cache lives in
+``viscon_hub/data/cache/``; after editing a prompt template, rebuild it with::
+
+    python -m viscon_hub.generate.handwritten
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..engine import Completion, GenerationCache
+from ..prepare import PrepareConfig, prepare
+from .prompts import load_template
+from .stages import CAPTION_TEMPLATES, _Stage, caption_messages, read_contexts
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+HANDWRITTEN = DATA / "handwritten" / "sample_generations.jsonl"
+BUNDLED_CACHE = DATA / "cache"
+MODEL = "handwritten-example"
+SPEC = f"openai:{MODEL}"
+
+
+def handwritten_entries(contexts_dir: str) -> list[Completion]:
+    """Cache entries for every handwritten reply, keyed for the contexts prepared under ``contexts_dir``."""
+    contexts = {c.id: c for c in read_contexts(contexts_dir)}
+    ff = _Stage(load_template("qa_freeform"), SPEC)
+    mc = _Stage(load_template("qa_multiple_choice"), SPEC)
+    entries = []
+    for line in HANDWRITTEN.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        ctx = contexts[item["context_id"]]
+        mode = item["mode"]
+        caption_stage = _Stage(load_template(CAPTION_TEMPLATES[mode]), SPEC)
+        caption_req = caption_stage.request(caption_messages(caption_stage.template, ctx, mode))
+        caption = item["caption"].strip()
+        pairs = [
+            (caption_req, caption),
+            (ff.request(ff.template.render(caption=caption)), item["qa_freeform"]),
+            (mc.request(mc.template.render(caption=caption)), item["qa_multiple_choice"]),
+        ]
+        for req, reply in pairs:
+            entries.append(
+                Completion(key=req.key, reply=reply, finish_reason="stop", model=MODEL, stage=req.stage,
+                           template_id=req.template_id, template_version=req.template_version, timestamp=1.0)
+            )
+    return entries
+
+
+def build_bundled_cache(target: Path = BUNDLED_CACHE) -> int:
+    """Rebuild the shipped cache from the handwritten file; returns the number of entries."""
+    with tempfile.TemporaryDirectory() as tmp:
+        prepare(PrepareConfig(output=f"{tmp}/contexts"))
+        entries = handwritten_entries(f"{tmp}/contexts")
+    if target.exists():
+        shutil.rmtree(target)
+    with GenerationCache(target) as cache:
+        cache.put_many(entries)
+    # One shard with a fixed name keeps rebuilds byte-stable in git.
+    shards = sorted((target / "shards").glob("*.parquet"))
+    assert len(shards) == 1
+    shards[0].rename(target / "shards" / "handwritten-example.parquet")
+    return len(entries)
+
+
+if __name__ == "__main__":
+    print(f"wrote {build_bundled_cache()} entries to {BUNDLED_CACHE}")

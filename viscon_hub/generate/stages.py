@@ -1,0 +1,455 @@
+"""The model stages: captions, then free-form and multiple-choice Q&A, all through one engine.
+
+Stages only build requests and parse replies; the engine calls, caches and accounts. Raw replies
+live in the cache, so a changed parser re-parses without calling a model, and a changed Q&A prompt
+leaves the cached captions valid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .. import __version__
+from ..engine import Engine, EngineConfig, GenerationCache, Request, RunReport, make_backend, parse_spec
+from ..engine.engine import OFFLINE_MISS
+from ..errors import ConfigError
+from ..images import ImageStore
+from ..records import IMAGE_CONTEXT_SCHEMA, ImageContext
+from .parsers import parse_freeform, parse_multiple_choice
+from .prompts import PromptTemplate, context_fields, load_template
+
+logger = logging.getLogger(__name__)
+
+ContextMode = Literal["contextual", "non_contextual"]
+CAPTION_TEMPLATES = {"contextual": "contextual_caption", "non_contextual": "non_contextual_caption"}
+
+FREEFORM_TYPE = pa.list_(pa.struct([("question", pa.string()), ("answer", pa.string())]))
+MC_TYPE = pa.list_(
+    pa.struct([("question", pa.string()), ("options", pa.list_(pa.string())), ("answer", pa.string())])
+)
+GENERATION_SCHEMA = pa.schema(
+    [f for f in IMAGE_CONTEXT_SCHEMA if f.name != "image_bytes"]
+    + [
+        pa.field("context_mode", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("drop_reason", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("caption_model", pa.string()),
+        pa.field("caption_template", pa.string()),
+        pa.field("caption_key", pa.string()),
+        pa.field("qa_model", pa.string()),
+        pa.field("qa_freeform", FREEFORM_TYPE),
+        pa.field("qa_freeform_template", pa.string()),
+        pa.field("qa_freeform_key", pa.string()),
+        pa.field("qa_multiple_choice", MC_TYPE),
+        pa.field("qa_multiple_choice_template", pa.string()),
+        pa.field("qa_multiple_choice_key", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GenerateConfig:
+    """Everything ``viscon generate`` takes."""
+
+    contexts: str
+    output: str
+    cache: str = "viscon-cache"
+    extra_caches: tuple[str, ...] = ()
+    caption_model: str = "openai:gpt-4o"
+    qa_model: str = "openai:gpt-4o"
+    base_url: str | None = None
+    context: Literal["contextual", "non_contextual", "both"] = "contextual"
+    image_store: str | None = None
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    reasks: int = 2
+    min_rounds: int = 3
+    max_rounds: int = 5
+    limit: int | None = None
+    dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        if self.context not in ("contextual", "non_contextual", "both"):
+            raise ConfigError(f"--context must be contextual, non_contextual or both; got {self.context!r}")
+        parse_spec(self.caption_model)
+        parse_spec(self.qa_model)
+        if self.reasks < 0:
+            raise ConfigError(f"reasks must be >= 0; got {self.reasks}")
+        if not 1 <= self.min_rounds <= self.max_rounds:
+            raise ConfigError(f"need 1 <= min_rounds <= max_rounds; got {self.min_rounds}, {self.max_rounds}")
+
+    @property
+    def modes(self) -> list[ContextMode]:
+        return ["contextual", "non_contextual"] if self.context == "both" else [self.context]  # type: ignore[list-item]
+
+
+@dataclass(slots=True)
+class GenerateStats:
+    contexts_read: int = 0
+    records: int = 0
+    records_ok: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    reasks: int = 0
+    qa_truncated_rounds: int = 0
+    mc_dropped_items: Counter = field(default_factory=Counter)
+    engine: dict = field(default_factory=dict)
+    plan: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "contexts_read": self.contexts_read,
+            "records": self.records,
+            "records_ok": self.records_ok,
+            "dropped": dict(sorted(self.dropped.items())),
+            "reasks": self.reasks,
+            "qa_truncated_rounds": self.qa_truncated_rounds,
+            "mc_dropped_items": dict(sorted(self.mc_dropped_items.items())),
+            "engine": self.engine,
+            "plan": self.plan,
+        }
+
+
+def read_contexts(folder: str, *, limit: int | None = None) -> list[ImageContext]:
+    """The image contexts that ``viscon prepare`` wrote under ``folder``, in a stable order."""
+    fs, root = fsspec.core.url_to_fs(folder)
+    paths = sorted(fs.glob(f"{root.rstrip('/')}/contexts/*.parquet"))
+    if not paths:
+        raise ConfigError(f"--contexts {folder!r} holds no contexts/*.parquet: run `viscon prepare` first")
+    out: list[ImageContext] = []
+    for path in paths:
+        with fs.open(path, "rb") as f:
+            for row in pq.read_table(f).to_pylist():
+                out.append(ImageContext.from_row(row))
+                if limit is not None and len(out) >= limit:
+                    return out
+    return out
+
+
+def _image_store_of(folder: str, override: str | None) -> str:
+    if override:
+        return override
+    fs, root = fsspec.core.url_to_fs(folder)
+    stats_path = f"{root.rstrip('/')}/stats.json"
+    if fs.exists(stats_path):
+        with fs.open(stats_path, "r") as f:
+            store = json.load(f).get("image_store")
+        if store:
+            return store
+    return folder.rstrip("/") + "/images"
+
+
+def _model_name(spec: str) -> str:
+    return parse_spec(spec)[1]
+
+
+class _Stage:
+    """One template bound to a model: builds requests, keeps the template's sampling defaults."""
+
+    def __init__(self, template: PromptTemplate, model_spec: str) -> None:
+        self.template = template
+        self.model = _model_name(model_spec)
+        self.label = f"{template.id}@{template.version}"
+
+    def request(self, messages: list[dict[str, Any]], *, seed: int | None = None) -> Request:
+        sampling = dict(self.template.sampling)
+        if seed is not None:
+            sampling["seed"] = seed
+        return Request.create(
+            stage=self.template.stage,
+            model=self.model,
+            template_id=self.template.id,
+            template_version=self.template.version,
+            messages=messages,
+            sampling=sampling,
+        )
+
+
+def caption_messages(template: PromptTemplate, ctx: ImageContext, mode: ContextMode) -> list[dict[str, Any]]:
+    fields = context_fields(ctx) if mode == "contextual" else {}
+    messages = template.render(**fields)
+    for message in messages:
+        if isinstance(message.get("content"), list):
+            message["content"] = [
+                {"type": "image", "sha256": ctx.image_sha256} if part.get("type") == "image" else part
+                for part in message["content"]
+            ]
+    return messages
+
+
+def generate(
+    config: GenerateConfig, *, progress: Callable[[str, RunReport], None] | None = None
+) -> GenerateStats:
+    """Caption every image context, then ask for both kinds of Q&A; write records and stats."""
+    started = time.monotonic()
+    contexts = read_contexts(config.contexts, limit=config.limit)
+    stats = GenerateStats(contexts_read=len(contexts))
+    store = ImageStore(_image_store_of(config.contexts, config.image_store))
+    cache = GenerationCache(config.cache, fallbacks=config.extra_caches)
+    engine = Engine(cache=cache, config=config.engine)
+    caption_stages = {
+        m: _Stage(load_template(CAPTION_TEMPLATES[m]), config.caption_model) for m in config.modes
+    }
+    ff_stage = _Stage(load_template("qa_freeform"), config.qa_model)
+    mc_stage = _Stage(load_template("qa_multiple_choice"), config.qa_model)
+
+    backends: dict[str, Any] = {}
+
+    def backend(spec: str):
+        if config.engine.offline or config.dry_run:
+            return None
+        if spec not in backends:
+            backends[spec] = make_backend(spec, image_loader=store.get, base_url=config.base_url)
+        return backends[spec]
+
+    records: list[dict[str, Any]] = []
+    try:
+        for mode in config.modes:
+            records.extend(
+                _run_mode(
+                    mode,
+                    contexts,
+                    config=config,
+                    engine=engine,
+                    caption_stage=caption_stages[mode],
+                    ff_stage=ff_stage,
+                    mc_stage=mc_stage,
+                    backend=backend,
+                    stats=stats,
+                    progress=progress,
+                )
+            )
+    finally:
+        cache.close()
+        for b in backends.values():
+            _close(b)
+    stats.engine = engine.report.to_dict()
+    if engine.prices.unpriced:
+        stats.engine["unpriced_models"] = sorted(engine.prices.unpriced)
+    if not config.dry_run:
+        _write_outputs(config, records, stats, started)
+    return stats
+
+
+def _close(backend: Any) -> None:
+    import asyncio
+
+    try:
+        asyncio.run(backend.aclose())
+    except Exception as e:  # noqa: BLE001 - closing must not hide the run's result
+        logger.debug("closing backend: %s", e)
+
+
+def _run_mode(
+    mode: ContextMode,
+    contexts: list[ImageContext],
+    *,
+    config: GenerateConfig,
+    engine: Engine,
+    caption_stage: _Stage,
+    ff_stage: _Stage,
+    mc_stage: _Stage,
+    backend,
+    stats: GenerateStats,
+    progress,
+) -> list[dict[str, Any]]:
+    records = [_base_record(ctx, mode, caption_stage, ff_stage, mc_stage) for ctx in contexts]
+    todo = []
+    for ctx, rec in zip(contexts, records, strict=True):
+        if not ctx.image_sha256:
+            _drop(rec, "no_image", stats)
+        else:
+            todo.append((ctx, rec))
+
+    caption_requests = [
+        caption_stage.request(caption_messages(caption_stage.template, ctx, mode)) for ctx, _ in todo
+    ]
+    if config.dry_run:
+        stats.plan[f"{mode}/caption"] = engine.plan(caption_requests)
+        cached = [engine.cache.get(r.key) for r in caption_requests]
+        ready = [(c, rec) for c, (_, rec) in zip(cached, todo, strict=True) if c is not None and c.ok]
+        qa = [ff_stage.request(ff_stage.template.render(caption=c.reply)) for c, _ in ready]
+        qa += [mc_stage.request(mc_stage.template.render(caption=c.reply)) for c, _ in ready]
+        plan = engine.plan(qa)
+        # Captions not cached yet will each need two more Q&A requests once they exist.
+        plan["pending_on_uncached_captions"] = 2 * (len(todo) - len(ready))
+        stats.plan[f"{mode}/qa"] = plan
+        return []
+
+    captions = engine.run(
+        caption_requests,
+        backend=backend(config.caption_model),
+        progress=(lambda r: progress(f"{mode} captions", r)) if progress else None,
+    )
+    with_caption = []
+    for (_ctx, rec), req, c in zip(todo, caption_requests, captions, strict=True):
+        rec["caption_key"] = req.key
+        if not c.ok:
+            _drop(rec, _error_reason("caption", c), stats)
+            continue
+        caption = c.reply.strip()
+        if not caption:
+            _drop(rec, "caption_empty", stats)
+            continue
+        rec["caption"] = caption
+        with_caption.append(rec)
+
+    qa_backend = backend(config.qa_model)
+    _qa(
+        with_caption,
+        stage=ff_stage,
+        kind="qa_freeform",
+        parser=parse_freeform,
+        config=config,
+        engine=engine,
+        backend=qa_backend,
+        stats=stats,
+        progress=progress,
+        mode=mode,
+    )
+    _qa(
+        with_caption,
+        stage=mc_stage,
+        kind="qa_multiple_choice",
+        parser=parse_multiple_choice,
+        config=config,
+        engine=engine,
+        backend=qa_backend,
+        stats=stats,
+        progress=progress,
+        mode=mode,
+    )
+    for rec in with_caption:
+        if rec["status"] == "pending":
+            rec["status"] = "ok"
+            stats.records_ok += 1
+    return records
+
+
+def _qa(
+    records: list[dict[str, Any]],
+    *,
+    stage: _Stage,
+    kind: str,
+    parser,
+    config: GenerateConfig,
+    engine: Engine,
+    backend,
+    stats: GenerateStats,
+    progress,
+    mode: str,
+) -> None:
+    pending = [r for r in records if r["status"] == "pending"]
+    for attempt in range(config.reasks + 1):
+        if not pending:
+            return
+        # A re-ask is a different request (new seed), so it is cached on its own key.
+        seed = None if attempt == 0 else attempt
+        requests = [stage.request(stage.template.render(caption=r["caption"]), seed=seed) for r in pending]
+        replies = engine.run(
+            requests,
+            backend=backend,
+            progress=(lambda rep: progress(f"{mode} {kind}", rep)) if progress else None,
+        )
+        retry = []
+        for rec, req, c in zip(pending, requests, replies, strict=True):
+            rec[f"{kind}_key"] = req.key
+            if not c.ok:
+                _drop(rec, _error_reason(kind, c), stats)
+                continue
+            parsed = parser(c.reply, min_rounds=config.min_rounds, max_rounds=config.max_rounds)
+            if not parsed.ok:
+                if attempt < config.reasks:
+                    retry.append(rec)
+                    stats.reasks += 1
+                else:
+                    _drop(rec, f"{kind}_{parsed.reason}", stats)
+                continue
+            stats.qa_truncated_rounds += parsed.truncated
+            for reason, n in (getattr(parsed, "dropped_items", None) or {}).items():
+                stats.mc_dropped_items[reason] += n
+            if kind == "qa_freeform":
+                rec[kind] = [{"question": i.question, "answer": i.answer} for i in parsed.items]
+            else:
+                rec[kind] = [
+                    {"question": i.question, "options": list(i.options), "answer": i.answer}
+                    for i in parsed.items
+                ]
+        pending = retry
+
+
+def _error_reason(kind: str, c) -> str:
+    if c.error == OFFLINE_MISS:
+        return f"{kind}_offline_miss"
+    return f"{kind}_{c.error_kind or 'error'}_error"
+
+
+def _drop(rec: dict[str, Any], reason: str, stats: GenerateStats) -> None:
+    rec["status"] = "dropped"
+    rec["drop_reason"] = reason
+    stats.dropped[reason] += 1
+
+
+def _base_record(ctx: ImageContext, mode: str, caption: _Stage, ff: _Stage, mc: _Stage) -> dict[str, Any]:
+    row = ctx.to_row()
+    row.pop("image_bytes", None)
+    row.update(
+        context_mode=mode,
+        status="pending",
+        drop_reason=None,
+        caption=None,
+        caption_model=caption.model,
+        caption_template=caption.label,
+        caption_key=None,
+        qa_model=ff.model,
+        qa_freeform=None,
+        qa_freeform_template=ff.label,
+        qa_freeform_key=None,
+        qa_multiple_choice=None,
+        qa_multiple_choice_template=mc.label,
+        qa_multiple_choice_key=None,
+    )
+    return row
+
+
+def _write_outputs(
+    config: GenerateConfig, records: list[dict[str, Any]], stats: GenerateStats, started: float
+) -> None:
+    stats.records = len(records)
+    fs, root = fsspec.core.url_to_fs(config.output)
+    fs.makedirs(f"{root}/generations", exist_ok=True)
+    table = pa.Table.from_pylist(records, schema=GENERATION_SCHEMA)
+    target = f"{root}/generations/records.parquet"
+    local = Path(root) if (fs.protocol == "file" or "file" in fs.protocol) else None
+    if local is not None:
+        tmp = local / "generations" / ".records.parquet.tmp"
+        pq.write_table(table, tmp, compression="zstd")
+        tmp.replace(local / "generations" / "records.parquet")
+    else:
+        with fs.open(target, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+    summary = {
+        **stats.to_dict(),
+        "caption_model": config.caption_model,
+        "qa_model": config.qa_model,
+        "context": config.context,
+        "contexts": config.contexts,
+        "image_store": _image_store_of(config.contexts, config.image_store),
+        "viscon_hub_version": __version__,
+        "elapsed_s": round(time.monotonic() - started, 3),
+    }
+    with fs.open(f"{root}/stats.json", "w") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+
+
+__all__ = ["GENERATION_SCHEMA", "GenerateConfig", "GenerateStats", "generate", "read_contexts"]

@@ -74,19 +74,17 @@ class LocalServer:
         path: str,
         body: bytes = b"",
         *,
-        content_type: str | None = "image/jpeg",
+        content_type: str = "image/jpeg",
         status: int = 200,
         headers: dict[str, str] | None = None,
     ) -> str:
         """Always answer ``path`` with this response; returns its URL."""
 
         async def handler(request: web.Request) -> web.StreamResponse:
-            resp = web.Response(status=status, body=body, headers=headers or {})
-            if content_type is not None:
-                resp.content_type = content_type
-            else:
-                resp.headers.pop("Content-Type", None)
-            return resp
+            # Set as a raw header so values with parameters ("text/html; charset=utf-8") pass as given.
+            return web.Response(
+                status=status, body=body, headers={"Content-Type": content_type, **(headers or {})}
+            )
 
         return self.add(path, handler)
 

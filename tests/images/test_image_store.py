@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 
 import pytest
 
@@ -40,14 +41,15 @@ def test_bad_sha_is_a_config_error(tmp_path):
 
 
 def test_fsspec_memory_store():
-    store = ImageStore("memory://viscon-image-store-test")
+    root = f"memory://viscon-image-store-{uuid.uuid4().hex}"
+    store = ImageStore(root)
     sha = store.put(b"abc")
     assert store.get(sha) == b"abc"
     store.record(IndexRecord(key="https://example.org/a.jpg", status="dropped", reason="http_404"))
     store.flush()
     store.record(IndexRecord(key="https://example.org/b.jpg", status="ok", sha256=sha, width=1, height=1))
     store.flush()
-    again = ImageStore("memory://viscon-image-store-test")
+    again = ImageStore(root)
     assert again.lookup("https://example.org/a.jpg").reason == "http_404"
     assert again.lookup("https://example.org/b.jpg").sha256 == sha
 

@@ -51,9 +51,7 @@ def inspect_image(data: bytes, *, policy: FetchPolicy) -> tuple[ImageInfo | None
     return info, reason
 
 
-def check_image(
-    data: bytes, *, policy: FetchPolicy
-) -> tuple[ImageInfo | None, str | None, str | None]:
+def check_image(data: bytes, *, policy: FetchPolicy) -> tuple[ImageInfo | None, str | None, str | None]:
     """:func:`inspect_image` plus a short message saying what was wrong, for error columns.
 
     >>> check_image(b"", policy=FetchPolicy())[1:]

@@ -81,8 +81,9 @@ class ImageResult:
     ``from_store`` is true when the outcome was remembered from an earlier run; the other fields then
     repeat that run's outcome (including its ``attempts``), so reruns give identical results.
 
-    >>> ImageResult(status="dropped", reason="http_404", error="HTTP 404", attempts=1)
-    ImageResult(status='dropped', reason='http_404', sha256=None, width=None, height=None, format=None, error='HTTP 404', attempts=1, from_store=False)
+    >>> r = ImageResult(status="dropped", reason="http_404", error="HTTP 404", attempts=1)
+    >>> r.ok, r.reason, r.from_store
+    (False, 'http_404', False)
     """
 
     status: Literal["ok", "dropped"]
@@ -206,9 +207,7 @@ async def _read_body(resp: aiohttp.ClientResponse, policy: FetchPolicy) -> _Outc
     declared = resp.content_length
     if declared is not None and declared > policy.max_bytes:
         resp.close()
-        return _Outcome(
-            reason="too_large", error=f"Content-Length {declared} > max_bytes {policy.max_bytes}"
-        )
+        return _Outcome(reason="too_large", error=f"Content-Length {declared} > max_bytes {policy.max_bytes}")
     body = bytearray()
     async for chunk in resp.content.iter_chunked(1 << 16):
         if len(body) + len(chunk) > policy.max_bytes:
@@ -335,9 +334,7 @@ class _Batch:
         accept = ",".join(f"image/{fmt}" for fmt in policy.formats) + ",image/*;q=0.8,*/*;q=0.5"
         self.session = aiohttp.ClientSession(
             connector=connector,
-            timeout=aiohttp.ClientTimeout(
-                total=policy.timeout_s, connect=policy.connect_timeout_s
-            ),
+            timeout=aiohttp.ClientTimeout(total=policy.timeout_s, connect=policy.connect_timeout_s),
             headers={"User-Agent": policy.user_agent, "Accept": accept},
             # Cookies would make one image's response depend on another's; proxies from the
             # environment would connect to addresses the guard never saw.
@@ -507,9 +504,7 @@ def acquire_images_sync(
     """
 
     def run() -> list[ImageResult]:
-        return asyncio.run(
-            acquire_images(sources, policy=policy, store=store, retry_failed=retry_failed)
-        )
+        return asyncio.run(acquire_images(sources, policy=policy, store=store, retry_failed=retry_failed))
 
     try:
         asyncio.get_running_loop()

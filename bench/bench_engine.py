@@ -104,6 +104,7 @@ def main() -> None:
         proc, url = start_server(Path(tmp))
         try:
             asyncio.run(bare(url, 200, 16, "warmup"))
+            engine_rate(url, 200, 16, "warmup", f"{tmp}/cache-warmup")
             last_requests, last_cache = None, None
             for c in levels:
                 bare_best, eng_best = 0.0, 0.0

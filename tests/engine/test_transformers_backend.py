@@ -41,8 +41,14 @@ def qa_request(text, seed=None):
                           messages=[{"role": "user", "content": text}], sampling=sampling)
 
 
-def test_transformers_backend_generates_and_engine_caches(tiny_llama, tmp_path):
-    backend = make_backend(f"transformers:{tiny_llama}", image_loader=lambda sha: b"", device="cpu")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_transformers_backend_generates_and_engine_caches(tiny_llama, tmp_path, device):
+    backend = make_backend(f"transformers:{tiny_llama}", image_loader=lambda sha: b"", device=device)
+    assert backend.device == device
     requests = [qa_request("Describe a red mug."), qa_request("Count the chairs.")]
     engine = Engine(cache=GenerationCache(tmp_path), config=EngineConfig(max_concurrency=2))
     first = engine.run(requests, backend=backend)

@@ -26,6 +26,7 @@ def test_vllm_backend_batches_through_the_engine(tmp_path):
         capture_output=True, text=True, env=env, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    # vLLM logs to stdout too: the summary is the line that starts with {"ok".
+    summary = json.loads(next(line for line in result.stdout.splitlines() if line.startswith('{"ok"')))
     assert summary["ok"] == 20 and all(n > 0 for n in summary["completion_tokens"])
     assert summary["calls_first"] == 20 and summary["calls_second"] == 0 and summary["same"]

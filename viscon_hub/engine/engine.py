@@ -188,14 +188,21 @@ class Engine:
         progress: Callable[[RunReport], None] | None = None,
     ) -> list[Completion]:
         """Synchronous wrapper of :meth:`arun` (runs its own event loop, also from a worker thread)."""
+        async def once() -> list[Completion]:
+            try:
+                return await self.arun(requests, backend=backend, progress=progress)
+            finally:
+                # Clients bound to this event loop (aiohttp sessions) must close before it does.
+                end = getattr(backend, "end_loop", None)
+                if end is not None:
+                    await end()
+
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return asyncio.run(self.arun(requests, backend=backend, progress=progress))
+            return asyncio.run(once())
         box: list = []
-        thread = threading.Thread(
-            target=lambda: box.append(asyncio.run(self.arun(requests, backend=backend, progress=progress)))
-        )
+        thread = threading.Thread(target=lambda: box.append(asyncio.run(once())))
         thread.start()
         thread.join()
         return box[0]

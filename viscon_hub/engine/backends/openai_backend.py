@@ -6,6 +6,7 @@ are handled in one place. The API key never appears in an error message.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import os
 import time
@@ -44,14 +45,26 @@ class OpenAIBackend:
                 )
             key = "EMPTY"  # local vLLM / SGLang servers accept any key
         self._secret = key
+        self.timeout_s = timeout_s
+        self._openai = openai
+        self._client = None
+        self._loop = None
         try:
-            http_client = openai.DefaultAioHttpClient()
+            openai.DefaultAioHttpClient()
         except RuntimeError as e:
             raise ConfigError(f"{e}: pip install 'viscon-hub[openai]'") from None
-        self.client = openai.AsyncOpenAI(
-            api_key=key, base_url=self.base_url, max_retries=0, timeout=timeout_s, http_client=http_client
-        )
-        self._openai = openai
+
+    @property
+    def client(self):
+        """The async client of the running event loop (aiohttp sessions cannot cross loops)."""
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            self._client = self._openai.AsyncOpenAI(
+                api_key=self._secret, base_url=self.base_url, max_retries=0, timeout=self.timeout_s,
+                http_client=self._openai.DefaultAioHttpClient(),
+            )
+            self._loop = loop
+        return self._client
 
     def _clean(self, text: str) -> str:
         return text.replace(self._secret, "***") if self._secret and self._secret != "EMPTY" else text
@@ -124,8 +137,14 @@ class OpenAIBackend:
                 out.append(e)
         return out
 
+    async def end_loop(self) -> None:
+        """Close the client of the running loop; the next call on a new loop makes a fresh one."""
+        await self.aclose()
+
     async def aclose(self) -> None:
-        await self.client.close()
+        if self._client is not None and self._loop is asyncio.get_running_loop():
+            await self._client.close()
+        self._client = None
 
 
 def _short(e: Exception) -> str:

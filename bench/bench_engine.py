@@ -67,7 +67,8 @@ def engine_rate(base_url: str, n: int, concurrency: int, tag: str, cache_dir: st
                        messages=messages(i, tag), sampling={"temperature": 0.0, "max_tokens": 64})
         for i in range(n)
     ]
-    backend = make_backend(f"openai:{MODEL}", image_loader=lambda s: b"", base_url=base_url, api_key="bench")
+    backend = make_backend(f"openai:{MODEL}", image_loader=lambda s: b"", base_url=base_url, api_key="bench",
+                           max_connections=max(concurrency, 16))
     engine = Engine(cache=GenerationCache(cache_dir), config=EngineConfig(max_concurrency=concurrency))
 
     async def go() -> float:

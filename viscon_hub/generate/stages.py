@@ -209,7 +209,8 @@ def generate(
         if config.engine.offline or config.dry_run:
             return None
         if spec not in backends:
-            backends[spec] = make_backend(spec, image_loader=store.get, base_url=config.base_url)
+            options = {"max_connections": config.engine.max_concurrency} if parse_spec(spec)[0] == "openai" else {}
+            backends[spec] = make_backend(spec, image_loader=store.get, base_url=config.base_url, **options)
         return backends[spec]
 
     records: list[dict[str, Any]] = []

@@ -32,6 +32,7 @@ class OpenAIBackend:
         base_url: str | None = None,
         api_key: str | None = None,
         timeout_s: float = 120.0,
+        max_connections: int = 1000,
     ) -> None:
         openai = require("openai", "openai")
         self.model = model
@@ -46,6 +47,9 @@ class OpenAIBackend:
             key = "EMPTY"  # local vLLM / SGLang servers accept any key
         self._secret = key
         self.timeout_s = timeout_s
+        # Keep as many connections alive as may be in flight: the client's default keeps 100, so at
+        # higher concurrency every extra request would pay for a new TCP connection.
+        self.max_connections = max_connections
         self._openai = openai
         self._client = None
         self._loop = None
@@ -61,13 +65,19 @@ class OpenAIBackend:
         if self._client is None or self._loop is not loop:
             self._client = self._openai.AsyncOpenAI(
                 api_key=self._secret, base_url=self.base_url, max_retries=0, timeout=self.timeout_s,
-                http_client=self._openai.DefaultAioHttpClient(),
+                http_client=self._openai.DefaultAioHttpClient(limits=self._limits()),
             )
             self._loop = loop
         return self._client
 
     def _clean(self, text: str) -> str:
         return text.replace(self._secret, "***") if self._secret and self._secret != "EMPTY" else text
+
+    def _limits(self):
+        import httpx2
+
+        return httpx2.Limits(max_connections=self.max_connections,
+                             max_keepalive_connections=self.max_connections, keepalive_expiry=30.0)
 
     async def complete(self, request: Request) -> Completion:
         openai = self._openai

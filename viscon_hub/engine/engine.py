@@ -188,6 +188,7 @@ class Engine:
         progress: Callable[[RunReport], None] | None = None,
     ) -> list[Completion]:
         """Synchronous wrapper of :meth:`arun` (runs its own event loop, also from a worker thread)."""
+
         async def once() -> list[Completion]:
             try:
                 return await self.arun(requests, backend=backend, progress=progress)

@@ -50,8 +50,16 @@ def handwritten_entries(contexts_dir: str) -> list[Completion]:
         ]
         for req, reply in pairs:
             entries.append(
-                Completion(key=req.key, reply=reply, finish_reason="stop", model=MODEL, stage=req.stage,
-                           template_id=req.template_id, template_version=req.template_version, timestamp=1.0)
+                Completion(
+                    key=req.key,
+                    reply=reply,
+                    finish_reason="stop",
+                    model=MODEL,
+                    stage=req.stage,
+                    template_id=req.template_id,
+                    template_version=req.template_version,
+                    timestamp=1.0,
+                )
             )
     return entries
 

@@ -209,7 +209,9 @@ def generate(
         if config.engine.offline or config.dry_run:
             return None
         if spec not in backends:
-            options = {"max_connections": config.engine.max_concurrency} if parse_spec(spec)[0] == "openai" else {}
+            options = (
+                {"max_connections": config.engine.max_concurrency} if parse_spec(spec)[0] == "openai" else {}
+            )
             backends[spec] = make_backend(spec, image_loader=store.get, base_url=config.base_url, **options)
         return backends[spec]
 
@@ -306,18 +308,22 @@ def _run_mode(
         with_caption.append(rec)
 
     qa_backend = backend(config.qa_model)
-    _qa(
-        with_caption,
-        stage=ff_stage,
-        kind="qa_freeform",
-        parser=parse_freeform,
-        config=config,
-        engine=engine,
-        backend=qa_backend,
-        stats=stats,
-        progress=progress,
-        mode=mode,
-    )
+    for stage, kind, parser in (
+        (ff_stage, "qa_freeform", parse_freeform),
+        (mc_stage, "qa_multiple_choice", parse_multiple_choice),
+    ):
+        _qa(
+            with_caption,
+            stage=stage,
+            kind=kind,
+            parser=parser,
+            config=config,
+            engine=engine,
+            backend=qa_backend,
+            stats=stats,
+            progress=progress,
+            mode=mode,
+        )
     _qa(
         with_caption,
         stage=mc_stage,

@@ -50,6 +50,17 @@ class Backend(Protocol):
     async def aclose(self) -> None: ...
 
 
+async def complete_each(backend: Backend, requests: list[Request]) -> list[Completion | BackendError]:
+    """``complete_batch`` for backends that take one request at a time."""
+    out: list[Completion | BackendError] = []
+    for r in requests:
+        try:
+            out.append(await backend.complete(r))
+        except BackendError as e:
+            out.append(e)
+    return out
+
+
 def parse_spec(spec: str) -> tuple[str, str]:
     """Split ``BACKEND:MODEL``; the model part may itself contain colons or slashes."""
     if not isinstance(spec, str) or ":" not in spec:

@@ -14,7 +14,7 @@ from typing import Any
 
 from ...errors import ConfigError
 from ..request import Completion, Request
-from .base import BackendError, ImageLoader, openai_messages, require
+from .base import BackendError, ImageLoader, complete_each, openai_messages, require
 
 _PERMANENT_STATUS = {400, 413, 422}
 _FATAL_STATUS = {401, 403, 404}
@@ -64,7 +64,10 @@ class OpenAIBackend:
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
             self._client = self._openai.AsyncOpenAI(
-                api_key=self._secret, base_url=self.base_url, max_retries=0, timeout=self.timeout_s,
+                api_key=self._secret,
+                base_url=self.base_url,
+                max_retries=0,
+                timeout=self.timeout_s,
                 http_client=self._openai.DefaultAioHttpClient(limits=self._limits()),
             )
             self._loop = loop
@@ -76,8 +79,11 @@ class OpenAIBackend:
     def _limits(self):
         import httpx2
 
-        return httpx2.Limits(max_connections=self.max_connections,
-                             max_keepalive_connections=self.max_connections, keepalive_expiry=30.0)
+        return httpx2.Limits(
+            max_connections=self.max_connections,
+            max_keepalive_connections=self.max_connections,
+            keepalive_expiry=30.0,
+        )
 
     async def complete(self, request: Request) -> Completion:
         openai = self._openai
@@ -139,13 +145,7 @@ class OpenAIBackend:
         )
 
     async def complete_batch(self, requests: list[Request]) -> list[Completion | BackendError]:
-        out: list[Completion | BackendError] = []
-        for r in requests:
-            try:
-                out.append(await self.complete(r))
-            except BackendError as e:
-                out.append(e)
-        return out
+        return await complete_each(self, requests)
 
     async def end_loop(self) -> None:
         """Close the client of the running loop; the next call on a new loop makes a fresh one."""

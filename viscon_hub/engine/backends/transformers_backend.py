@@ -11,15 +11,22 @@ import time
 from typing import Any
 
 from ..request import Completion, Request
-from .base import BackendError, ImageLoader, require
+from .base import BackendError, ImageLoader, complete_each, require
 
 
 class TransformersBackend:
     name = "transformers"
     max_batch = 1
 
-    def __init__(self, model: str, *, image_loader: ImageLoader, device: str | None = None,
-                 dtype: str | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        model: str,
+        *,
+        image_loader: ImageLoader,
+        device: str | None = None,
+        dtype: str | None = None,
+        **options: Any,
+    ) -> None:
         torch = require("torch", "transformers")
         transformers = require("transformers", "transformers")
         self.model = model
@@ -57,7 +64,9 @@ class TransformersBackend:
                             data = self.image_loader(part["sha256"])
                             images.append(Image.open(io.BytesIO(data)).convert("RGB"))
                         except Exception as e:  # noqa: BLE001 - any unreadable image fails this request only
-                            raise BackendError(f"image {part['sha256'][:12]} unreadable: {e}", kind="permanent") from None
+                            raise BackendError(
+                                f"image {part['sha256'][:12]} unreadable: {e}", kind="permanent"
+                            ) from None
                         parts.append({"type": "image"})
                     else:
                         parts.append(part)
@@ -67,12 +76,17 @@ class TransformersBackend:
             prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
             return self.processor(text=prompt, images=images or None, return_tensors="pt")
         text_messages = [
-            {"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
-             else "".join(p.get("text", "") for p in m["content"])}
+            {
+                "role": m["role"],
+                "content": m["content"]
+                if isinstance(m["content"], str)
+                else "".join(p.get("text", "") for p in m["content"]),
+            }
             for m in messages
         ]
-        return self.tokenizer.apply_chat_template(text_messages, add_generation_prompt=True, return_tensors="pt",
-                                                  return_dict=True)
+        return self.tokenizer.apply_chat_template(
+            text_messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
 
     def _generate(self, request: Request) -> Completion:
         torch = self._torch
@@ -97,22 +111,21 @@ class TransformersBackend:
         eos = getattr(self.net.generation_config, "eos_token_id", None)
         eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
         finished = bool(len(new)) and int(new[-1]) in eos_ids
-        return Completion(key=request.key, reply=text, finish_reason="stop" if finished else "length",
-                          prompt_tokens=int(prompt_len), completion_tokens=int(len(new)),
-                          latency_s=time.perf_counter() - started)
+        return Completion(
+            key=request.key,
+            reply=text,
+            finish_reason="stop" if finished else "length",
+            prompt_tokens=int(prompt_len),
+            completion_tokens=int(len(new)),
+            latency_s=time.perf_counter() - started,
+        )
 
     async def complete(self, request: Request) -> Completion:
         async with self._lock:
             return await asyncio.to_thread(self._generate, request)
 
     async def complete_batch(self, requests: list[Request]) -> list[Completion | BackendError]:
-        out: list[Completion | BackendError] = []
-        for r in requests:
-            try:
-                out.append(await self.complete(r))
-            except BackendError as e:
-                out.append(e)
-        return out
+        return await complete_each(self, requests)
 
     async def aclose(self) -> None:
         self.net = None

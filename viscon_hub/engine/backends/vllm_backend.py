@@ -17,7 +17,9 @@ from .base import BackendError, ImageLoader, openai_messages, require
 class VLLMBackend:
     name = "vllm"
 
-    def __init__(self, model: str, *, image_loader: ImageLoader, max_batch: int = 256, **llm_options: Any) -> None:
+    def __init__(
+        self, model: str, *, image_loader: ImageLoader, max_batch: int = 256, **llm_options: Any
+    ) -> None:
         vllm = require("vllm", "vllm")
         self.model = model
         self.image_loader = image_loader

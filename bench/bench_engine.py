@@ -42,14 +42,16 @@ def messages(i: int, tag: str) -> list[dict]:
 async def bare(base_url: str, n: int, concurrency: int, tag: str) -> float:
     import openai
 
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0,
-                                http_client=openai.DefaultAioHttpClient())
+    client = openai.AsyncOpenAI(
+        base_url=base_url, api_key="bench", max_retries=0, http_client=openai.DefaultAioHttpClient()
+    )
     sem = asyncio.Semaphore(concurrency)
 
     async def one(i: int) -> None:
         async with sem:
-            r = await client.chat.completions.create(model=MODEL, messages=messages(i, tag), temperature=0.0,
-                                                     max_tokens=64)
+            r = await client.chat.completions.create(
+                model=MODEL, messages=messages(i, tag), temperature=0.0, max_tokens=64
+            )
             assert r.choices[0].message.content
 
     t = time.perf_counter()
@@ -63,12 +65,23 @@ def engine_rate(base_url: str, n: int, concurrency: int, tag: str, cache_dir: st
     from viscon_hub.engine import Engine, EngineConfig, GenerationCache, Request, make_backend
 
     requests = [
-        Request.create(stage="bench", model=MODEL, template_id="bench", template_version=1,
-                       messages=messages(i, tag), sampling={"temperature": 0.0, "max_tokens": 64})
+        Request.create(
+            stage="bench",
+            model=MODEL,
+            template_id="bench",
+            template_version=1,
+            messages=messages(i, tag),
+            sampling={"temperature": 0.0, "max_tokens": 64},
+        )
         for i in range(n)
     ]
-    backend = make_backend(f"openai:{MODEL}", image_loader=lambda s: b"", base_url=base_url, api_key="bench",
-                           max_connections=max(concurrency, 16))
+    backend = make_backend(
+        f"openai:{MODEL}",
+        image_loader=lambda s: b"",
+        base_url=base_url,
+        api_key="bench",
+        max_connections=max(concurrency, 16),
+    )
     engine = Engine(cache=GenerationCache(cache_dir), config=EngineConfig(max_concurrency=concurrency))
 
     async def go() -> float:
@@ -94,7 +107,9 @@ def replay_rate(cache_dir: str, requests) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--concurrency", default="16,128,512")
@@ -130,7 +145,11 @@ def main() -> None:
         report["levels"][hi]["engine_req_per_s"] / report["levels"][lo]["engine_req_per_s"], 3
     )
     report["warm_cache_replay_req_per_s"] = round(replay)
-    report["targets"] = {"ratio": 0.9, "engine_high_vs_low_concurrency": 0.8, "warm_cache_replay_req_per_s": 5000}
+    report["targets"] = {
+        "ratio": 0.9,
+        "engine_high_vs_low_concurrency": 0.8,
+        "warm_cache_replay_req_per_s": 5000,
+    }
     print(json.dumps(report, indent=2))
 
 

@@ -154,6 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cache_alias(url: str) -> str:
+    """``bundled`` names the handwritten cache shipped for the bundled sample."""
+    if url == "bundled":
+        from .generate.handwritten import BUNDLED_CACHE
+
+        return str(BUNDLED_CACHE)
+    return url
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import time
 
@@ -164,7 +173,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         contexts=args.contexts,
         output=args.output,
         cache=args.cache,
-        extra_caches=tuple(args.extra_cache),
+        extra_caches=tuple(_cache_alias(c) for c in args.extra_cache),
         caption_model=args.caption_model,
         qa_model=args.qa_model,
         base_url=args.base_url,

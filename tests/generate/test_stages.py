@@ -36,9 +36,15 @@ def server():
 
 def config(contexts, server, tmp_path, **kw):
     kw.setdefault("engine", EngineConfig(max_concurrency=8, backoff_base_s=0.01, backoff_max_s=0.05))
-    return GenerateConfig(contexts=contexts, output=str(tmp_path / "gen"), cache=str(tmp_path / "cache"),
-                          caption_model="openai:viscon-test-vlm", qa_model="openai:viscon-test-llm",
-                          base_url=server.base_url, **kw)
+    return GenerateConfig(
+        contexts=contexts,
+        output=str(tmp_path / "gen"),
+        cache=str(tmp_path / "cache"),
+        caption_model="openai:viscon-test-vlm",
+        qa_model="openai:viscon-test-llm",
+        base_url=server.base_url,
+        **kw,
+    )
 
 
 def records(tmp_path):
@@ -125,14 +131,29 @@ def test_bad_generate_config(contexts, tmp_path):
     with pytest.raises(ConfigError, match="BACKEND:MODEL"):
         GenerateConfig(contexts=contexts, output=str(tmp_path), caption_model="gpt-4o")
     with pytest.raises(ConfigError, match="viscon prepare"):
-        generate(GenerateConfig(contexts=str(tmp_path / "empty"), output=str(tmp_path / "o"),
-                                engine=EngineConfig(offline=True)))
+        generate(
+            GenerateConfig(
+                contexts=str(tmp_path / "empty"),
+                output=str(tmp_path / "o"),
+                engine=EngineConfig(offline=True),
+            )
+        )
 
 
 def _start_server_process(tmp_path, latency):
     port_file = tmp_path / "port"
-    proc = subprocess.Popen([sys.executable, str(SERVER_SCRIPT), "--port", "0", "--port-file", str(port_file),
-                             "--latency", str(latency)])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(SERVER_SCRIPT),
+            "--port",
+            "0",
+            "--port-file",
+            str(port_file),
+            "--latency",
+            str(latency),
+        ]
+    )
     for _ in range(200):
         if port_file.exists() and port_file.read_text().strip():
             break
@@ -148,10 +169,29 @@ def _stats(url):
 
 
 def _generate_cmd(contexts, out, cache, url, concurrency):
-    return [sys.executable, "-m", "viscon_hub", "generate", "--contexts", contexts, "--output", str(out),
-            "--cache", str(cache), "--caption-model", "openai:viscon-test-vlm", "--qa-model",
-            "openai:viscon-test-llm", "--base-url", url + "/v1", "--context", "both",
-            "--max-concurrency", str(concurrency), "--no-progress"]
+    return [
+        sys.executable,
+        "-m",
+        "viscon_hub",
+        "generate",
+        "--contexts",
+        contexts,
+        "--output",
+        str(out),
+        "--cache",
+        str(cache),
+        "--caption-model",
+        "openai:viscon-test-vlm",
+        "--qa-model",
+        "openai:viscon-test-llm",
+        "--base-url",
+        url + "/v1",
+        "--context",
+        "both",
+        "--max-concurrency",
+        str(concurrency),
+        "--no-progress",
+    ]
 
 
 def test_sigkill_half_way_then_resume_repeats_no_stored_call(contexts, tmp_path):
@@ -177,8 +217,12 @@ def test_sigkill_half_way_then_resume_repeats_no_stored_call(contexts, tmp_path)
         assert len(repeated) <= concurrency
         assert repeated <= set(before[-concurrency:])
         # An uninterrupted run on a fresh cache gives the same output.
-        full = subprocess.run(_generate_cmd(contexts, tmp_path / "full", tmp_path / "cache2", url, 8), env=env,
-                              capture_output=True, text=True)
+        full = subprocess.run(
+            _generate_cmd(contexts, tmp_path / "full", tmp_path / "cache2", url, 8),
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         assert full.returncode == 0, full.stderr
         a = pq.read_table(tmp_path / "run" / "generations" / "records.parquet")
         b = pq.read_table(tmp_path / "full" / "generations" / "records.parquet")

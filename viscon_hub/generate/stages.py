@@ -324,18 +324,6 @@ def _run_mode(
             progress=progress,
             mode=mode,
         )
-    _qa(
-        with_caption,
-        stage=mc_stage,
-        kind="qa_multiple_choice",
-        parser=parse_multiple_choice,
-        config=config,
-        engine=engine,
-        backend=qa_backend,
-        stats=stats,
-        progress=progress,
-        mode=mode,
-    )
     for rec in with_caption:
         if rec["status"] == "pending":
             rec["status"] = "ok"

@@ -1,0 +1,44 @@
+"""The bundled cache answers every request of the bundled sample, for the current prompt templates."""
+
+import json
+
+import pyarrow.parquet as pq
+
+from viscon_hub.engine import EngineConfig, GenerationCache
+from viscon_hub.generate.handwritten import BUNDLED_CACHE, HANDWRITTEN, MODEL, SPEC
+from viscon_hub.generate.stages import GenerateConfig, generate
+from viscon_hub.prepare import PrepareConfig, prepare
+
+
+def test_bundled_cache_is_current_and_covers_the_sample(tmp_path):
+    prepare(PrepareConfig(output=str(tmp_path / "ctx")))
+    stats = generate(
+        GenerateConfig(
+            contexts=str(tmp_path / "ctx"),
+            output=str(tmp_path / "gen"),
+            cache=str(tmp_path / "cache"),
+            extra_caches=(str(BUNDLED_CACHE),),
+            caption_model=SPEC,
+            qa_model=SPEC,
+            context="both",
+            engine=EngineConfig(offline=True),
+            reasks=0,
+        )
+    )
+    # Stale keys (a template edited without `python -m viscon_hub.generate.handwritten`) show up as misses.
+    assert stats.engine["offline_misses"] == 0, (
+        "rebuild the bundled cache: python -m viscon_hub.generate.handwritten"
+    )
+    assert stats.records == 72 and stats.records_ok == 72
+    rows = pq.read_table(tmp_path / "gen" / "generations" / "records.parquet").to_pylist()
+    assert {r["caption_model"] for r in rows} == {MODEL}
+
+
+def test_bundled_entries_say_they_are_handwritten():
+    cache = GenerationCache(BUNDLED_CACHE, read_only=True)
+    assert len(cache) == 3 * sum(1 for line in HANDWRITTEN.read_text().splitlines() if line.strip())
+    assert {c.model for c in cache} == {MODEL}
+    assert all(c.prompt_tokens == 0 and c.completion_tokens == 0 for c in cache)
+    readme = (HANDWRITTEN.parent / "README.md").read_text().lower()
+    assert "handwritten" in readme and "not" in readme
+    assert json.loads(HANDWRITTEN.read_text().splitlines()[0])["mode"] in ("contextual", "non_contextual")

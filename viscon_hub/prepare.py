@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from . import __version__
 from .contexts import extract_contexts
 from .errors import ConfigError
+from .fsutil import is_local
 from .images import FetchPolicy, ImageStore, acquire_images_sync
 from .readers import RawRow, read_rows, resolve_source
 from .records import IMAGE_CONTEXT_SCHEMA, Document, ImageContext, ImageSource
@@ -299,7 +300,7 @@ class _Output:
     def __init__(self, config: PrepareConfig) -> None:
         self.config = config
         self.fs, self.root = fsspec.core.url_to_fs(config.output)
-        self.local = _is_local(self.fs)
+        self.local = is_local(self.fs)
         if self.local:
             Path(self.root).mkdir(parents=True, exist_ok=True)
         # Staged beside the target so that the final rename stays on one filesystem.
@@ -361,11 +362,6 @@ def _write_stats(config: PrepareConfig, summary: dict[str, Any]) -> None:
     )
     with fs.open(f"{root}/stats.json", "w") as f:
         json.dump(merged, f, indent=2, sort_keys=True)
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
 
 
 def _batched(rows: Iterable[RawRow], size: int) -> Iterator[list[RawRow]]:

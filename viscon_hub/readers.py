@@ -23,6 +23,7 @@ from typing import Any
 import fsspec
 
 from .errors import ConfigError, SourceError
+from .fsutil import is_local, protocol_of
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +89,10 @@ def resolve_source(
 
 def _expand_files(source: str) -> list[str]:
     fs, path = fsspec.core.url_to_fs(source)
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    local, protocol = is_local(fs), protocol_of(fs)
 
     def unstrip(p: str) -> str:
-        return p if protocol in ("file", "local") else f"{protocol}://{p}"
+        return p if local else f"{protocol}://{p}"
 
     if any(c in path for c in "*?["):
         found = sorted(fs.glob(path))

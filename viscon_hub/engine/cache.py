@@ -36,6 +36,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..fsutil import is_local
 from .request import Completion
 
 logger = logging.getLogger(__name__)
@@ -83,8 +84,7 @@ class GenerationCache:
         self.read_only = read_only
         self.flush_rows = flush_rows
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        self.local = protocol in ("file", "local")
+        self.local = is_local(self.fs)
         self._entries: dict[str, Completion] = {}
         self._pending: list[Completion] = []
         self._lock = threading.Lock()

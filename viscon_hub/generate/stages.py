@@ -24,6 +24,7 @@ from .. import __version__
 from ..engine import Engine, EngineConfig, GenerationCache, Request, RunReport, make_backend, parse_spec
 from ..engine.engine import OFFLINE_MISS
 from ..errors import ConfigError
+from ..fsutil import is_local
 from ..images import ImageStore
 from ..records import IMAGE_CONTEXT_SCHEMA, ImageContext
 from .parsers import parse_freeform, parse_multiple_choice
@@ -194,7 +195,8 @@ def generate(
     started = time.monotonic()
     contexts = read_contexts(config.contexts, limit=config.limit)
     stats = GenerateStats(contexts_read=len(contexts))
-    store = ImageStore(_image_store_of(config.contexts, config.image_store))
+    store_url = _image_store_of(config.contexts, config.image_store)
+    store = ImageStore(store_url)
     cache = GenerationCache(config.cache, fallbacks=config.extra_caches)
     engine = Engine(cache=cache, config=config.engine)
     caption_stages = {
@@ -240,7 +242,7 @@ def generate(
     if engine.prices.unpriced:
         stats.engine["unpriced_models"] = sorted(engine.prices.unpriced)
     if not config.dry_run:
-        _write_outputs(config, records, stats, started)
+        _write_outputs(config, records, stats, started, image_store=store_url)
     return stats
 
 
@@ -418,14 +420,19 @@ def _base_record(ctx: ImageContext, mode: str, caption: _Stage, ff: _Stage, mc: 
 
 
 def _write_outputs(
-    config: GenerateConfig, records: list[dict[str, Any]], stats: GenerateStats, started: float
+    config: GenerateConfig,
+    records: list[dict[str, Any]],
+    stats: GenerateStats,
+    started: float,
+    *,
+    image_store: str,
 ) -> None:
     stats.records = len(records)
     fs, root = fsspec.core.url_to_fs(config.output)
     fs.makedirs(f"{root}/generations", exist_ok=True)
     table = pa.Table.from_pylist(records, schema=GENERATION_SCHEMA)
     target = f"{root}/generations/records.parquet"
-    local = Path(root) if (fs.protocol == "file" or "file" in fs.protocol) else None
+    local = Path(root) if is_local(fs) else None
     if local is not None:
         tmp = local / "generations" / ".records.parquet.tmp"
         pq.write_table(table, tmp, compression="zstd")
@@ -439,7 +446,7 @@ def _write_outputs(
         "qa_model": config.qa_model,
         "context": config.context,
         "contexts": config.contexts,
-        "image_store": _image_store_of(config.contexts, config.image_store),
+        "image_store": image_store,
         "viscon_hub_version": __version__,
         "elapsed_s": round(time.monotonic() - started, 3),
     }

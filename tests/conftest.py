@@ -59,3 +59,26 @@ def obelics_row_fixture() -> dict:
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+
+@pytest.fixture(scope="session")
+def quickstart_build(tmp_path_factory):
+    """The no-flag ``viscon build`` (bundled sample, bundled cache, offline), built once per session.
+
+    Tests must not modify it; copy it first.
+    """
+    from viscon_hub.build import BuildConfig, build
+
+    root = tmp_path_factory.mktemp("quickstart")
+    with pytest.MonkeyPatch.context() as mp:
+        home = root / "hf_home"
+        mp.setenv("HF_HOME", str(home))
+        mp.setenv("HF_DATASETS_CACHE", str(home / "datasets"))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.delenv("HF_TOKEN", raising=False)
+        config = BuildConfig(
+            output=str(root / "viscon"), work_dir=str(root / "work"), cache=str(root / "cache")
+        )
+        report = build(config)
+    return {"root": root, "dataset": root / "viscon", "config": config, "report": report}

@@ -41,6 +41,53 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _add_generation_flags(g: argparse.ArgumentParser, *, quickstart_defaults: bool) -> None:
+    """Flags shared by ``generate`` and ``build``: cache, models, endpoint, engine limits."""
+    model_default = None if quickstart_defaults else "openai:gpt-4o"
+    model_help = (
+        " (default: openai:gpt-4o; the bundled handwritten example with no --source)"
+        if quickstart_defaults
+        else " (default openai:gpt-4o)"
+    )
+    g.add_argument(
+        "--cache", default="viscon-cache", help="cache folder or fsspec URL (default viscon-cache)"
+    )
+    g.add_argument(
+        "--extra-cache",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="read-only cache consulted after --cache (repeatable), e.g. a pulled or bundled cache",
+    )
+    g.add_argument("--caption-model", default=model_default, help="BACKEND:MODEL for captions" + model_help)
+    g.add_argument("--qa-model", default=model_default, help="BACKEND:MODEL for Q&A" + model_help)
+    g.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint (default $OPENAI_BASE_URL)")
+    g.add_argument(
+        "--max-concurrency", type=_positive_int, default=64, help="requests in flight (default 64)"
+    )
+    g.add_argument("--rpm", type=_positive_float, default=None, help="requests per minute limit")
+    g.add_argument("--tpm", type=_positive_float, default=None, help="tokens per minute limit")
+    g.add_argument("--max-attempts", type=_positive_int, default=5, help="attempts per request (default 5)")
+    g.add_argument(
+        "--reasks",
+        type=_non_negative_int,
+        default=2,
+        help="re-ask with a new seed when a Q&A reply does not parse (default 2)",
+    )
+
+
+def _engine_config(args: argparse.Namespace, *, offline: bool):
+    from .engine import EngineConfig
+
+    return EngineConfig(
+        max_concurrency=args.max_concurrency,
+        requests_per_minute=args.rpm,
+        tokens_per_minute=args.tpm,
+        max_attempts=args.max_attempts,
+        offline=offline,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="viscon",
@@ -115,32 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--contexts", required=True, help="the output folder of `viscon prepare`")
     g.add_argument("--output", required=True, help="folder for generations/records.parquet and stats.json")
-    g.add_argument(
-        "--cache", default="viscon-cache", help="cache folder or fsspec URL (default viscon-cache)"
-    )
-    g.add_argument(
-        "--extra-cache",
-        action="append",
-        default=[],
-        metavar="URL",
-        help="read-only cache consulted after --cache (repeatable), e.g. a pulled or bundled cache",
-    )
-    g.add_argument("--caption-model", default="openai:gpt-4o", help="BACKEND:MODEL for captions")
-    g.add_argument("--qa-model", default="openai:gpt-4o", help="BACKEND:MODEL for Q&A")
-    g.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint (default $OPENAI_BASE_URL)")
+    _add_generation_flags(g, quickstart_defaults=False)
     g.add_argument("--context", default="contextual", choices=["contextual", "non_contextual", "both"])
-    g.add_argument(
-        "--max-concurrency", type=_positive_int, default=64, help="requests in flight (default 64)"
-    )
-    g.add_argument("--rpm", type=_positive_float, default=None, help="requests per minute limit")
-    g.add_argument("--tpm", type=_positive_float, default=None, help="tokens per minute limit")
-    g.add_argument("--max-attempts", type=_positive_int, default=5, help="attempts per request (default 5)")
-    g.add_argument(
-        "--reasks",
-        type=_non_negative_int,
-        default=2,
-        help="re-ask with a new seed when a Q&A reply does not parse (default 2)",
-    )
     g.add_argument("--image-store", default=None, help="image store (default: the one prepare used)")
     g.add_argument("--limit", type=_non_negative_int, default=None, help="use at most N image contexts")
     g.add_argument("--offline", action="store_true", help="use only the cache; report misses, call nothing")
@@ -151,7 +174,240 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--no-progress", action="store_true", help="no live progress line even on a terminal")
     g.set_defaults(func=_cmd_generate)
+
+    b = sub.add_parser(
+        "build",
+        help="prepare, generate, dedup and merge into a dataset folder every config loads from",
+        description="Run the whole pipeline and write a local dataset folder: Parquet per config and split, "
+        "and a README whose configs load with `load_dataset(FOLDER, CONFIG)`. With no flags it builds the "
+        "bundled sample from the bundled handwritten cache, offline.",
+    )
+    b.add_argument("--source", default=None, help="documents to build from (default: the bundled sample)")
+    b.add_argument("--revision", default=None, help="revision of a Hub source dataset")
+    b.add_argument("--output", default="viscon", help="dataset folder (default ./viscon)")
+    b.add_argument("--work-dir", default=None, help="intermediate outputs (default OUTPUT-work)")
+    b.add_argument("--configs", default="all", help="comma-separated config names, or all (default all)")
+    _add_generation_flags(b, quickstart_defaults=True)
+    b.add_argument(
+        "--offline",
+        action="store_true",
+        default=None,
+        help="use only the cache for generations (the default with no --source and no models)",
+    )
+    b.add_argument("--online", dest="offline", action="store_false", help="allow model calls")
+    b.add_argument(
+        "--test-fraction", type=float, default=None, help="share of pages in the test split (default 0.02)"
+    )
+    b.add_argument(
+        "--dedup-threshold",
+        type=float,
+        default=None,
+        help="cosine similarity above which a question counts as a near-duplicate",
+    )
+    b.add_argument("--dedup-model", default=None, help="sentence-transformers model for the question dedup")
+    b.add_argument("--limit", type=_non_negative_int, default=None, help="read at most N documents")
+    b.add_argument("--no-progress", action="store_true", help="no stage lines even on a terminal")
+    b.set_defaults(func=_cmd_build)
+
+    e = sub.add_parser(
+        "export",
+        help="write a built config in a trainer's format (llava, idefics, messages, llamafactory)",
+        description="Convert one config of a built dataset folder into the format a training codebase reads.",
+    )
+    e.add_argument("--dataset", required=True, help="a folder written by `viscon build`")
+    e.add_argument("--config", default="leaky", help="config to export (default leaky)")
+    e.add_argument("--format", required=True, choices=["llava", "idefics", "messages", "llamafactory"])
+    e.add_argument("--output", required=True, help="folder to write the export into")
+    e.add_argument("--split", default=None, help="one split only (default: every split)")
+    e.set_defaults(func=_cmd_export)
+
+    c = sub.add_parser(
+        "card",
+        help="statistics, plots and the dataset card of a built folder",
+        description="Compute the statistics of a built dataset (context tokens, caption/context overlap, Q&A "
+        "counts, lengths, word cloud, image sizes, dedup, drops, cost), write plots/ and README.md.",
+    )
+    c.add_argument("--dataset", default="viscon", help="a folder written by `viscon build` (default viscon)")
+    c.add_argument("--repo", default=None, help="ORG/NAME the card's loading examples name")
+    c.add_argument("--license", default=None, help="licence id for the front matter")
+    c.set_defaults(func=_cmd_card)
+
+    def hub_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--dataset", default="viscon", help="a folder written by `viscon build` (default viscon)"
+        )
+        p.add_argument("--repo", required=True, help="ORG/NAME of the Hub dataset repo")
+        p.add_argument("--revision", default=None, help="branch to push to (default main)")
+        p.add_argument("--private", action="store_true", help="create the repo private")
+        p.add_argument(
+            "--formats",
+            default="",
+            help="also push these exports of each mix: idefics, llava (comma-separated)",
+        )
+        p.add_argument("--dry-run", action="store_true", help="print what would change; write nothing")
+
+    u = sub.add_parser(
+        "push",
+        help="upload every config, the card and the plots to a Hub dataset repo",
+        description="Upload all configs (train and test Parquet, images embedded), the card and plots in as few "
+        "commits as the Hub allows; files already there are not uploaded again. The token comes from HF_TOKEN "
+        "or `hf auth login`.",
+    )
+    hub_flags(u)
+    u.set_defaults(func=_cmd_push)
+
+    r = sub.add_parser(
+        "release",
+        help="push and tag the Hub revision vX.Y.Z (refuses an existing version)",
+        description="Push the dataset, then tag the resulting revision; `load_dataset(REPO, revision='vX.Y.Z')` "
+        "reads it back.",
+    )
+    hub_flags(r)
+    r.add_argument("--version", required=True, help="X.Y.Z")
+    r.set_defaults(func=_cmd_release)
+
+    k = sub.add_parser("cache", help="share the generation cache through the Hub (push | pull)")
+    ksub = k.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    for action, text in (("push", "upload the cache's shards"), ("pull", "download a Hub cache's shards")):
+        kp = ksub.add_parser(action, help=text)
+        kp.add_argument("--cache", default="viscon-cache", help="local cache folder (default viscon-cache)")
+        kp.add_argument("--repo", required=True, help="ORG/NAME of the Hub dataset repo holding the cache")
+        kp.add_argument("--revision", default=None, help="branch (default main)")
+        if action == "push":
+            kp.add_argument("--private", action="store_true", help="create the repo private")
+        kp.set_defaults(func=_cmd_cache)
     return parser
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .build import BuildConfig, build
+    from .dataset import parse_configs
+    from .dedup import DedupConfig
+
+    dedup = DedupConfig()
+    if args.dedup_threshold is not None:
+        dedup = replace(dedup, threshold=args.dedup_threshold)
+    if args.dedup_model is not None:
+        dedup = replace(dedup, model=args.dedup_model)
+    values = {
+        "source": args.source,
+        "revision": args.revision,
+        "output": args.output,
+        "work_dir": args.work_dir,
+        "configs": parse_configs(args.configs),
+        "cache": args.cache,
+        "extra_caches": tuple(_cache_alias(c) for c in args.extra_cache),
+        "caption_model": args.caption_model,
+        "qa_model": args.qa_model,
+        "base_url": args.base_url,
+        "offline": args.offline,
+        "limit": args.limit,
+        "reasks": args.reasks,
+        "dedup": dedup,
+    }
+    if args.test_fraction is not None:
+        values["test_fraction"] = args.test_fraction
+    config = BuildConfig(**values)
+    config = replace(config, engine=_engine_config(args, offline=config.offline))
+    quiet = args.no_progress or not sys.stderr.isatty()
+    report = build(
+        config, progress=None if quiet else lambda stage: print(f"viscon build: {stage}", file=sys.stderr)
+    )
+    summary = report.to_dict()
+    gen = summary["stages"]["generate"]["engine"]
+    print(
+        json.dumps(
+            {
+                "output": summary["output"],
+                "rows": summary["rows"],
+                "dropped": summary["dropped"],
+                "calls": gen["calls"],
+                "cache_hits": gen["cache_hits"],
+                "offline_misses": gen["offline_misses"],
+            }
+        )
+    )
+    print(f"load it with: datasets.load_dataset({config.output!r}, 'leaky')", file=sys.stderr)
+    return 0
+
+
+def _cmd_card(args: argparse.Namespace) -> int:
+    from .card import write_card
+
+    summary = write_card(args.dataset, repo_id=args.repo, license=args.license)
+    print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+def _formats(text: str) -> tuple[str, ...]:
+    return tuple(f.strip() for f in text.split(",") if f.strip())
+
+
+def _print_push(report, *, dry_run: bool) -> None:
+    summary = report.to_dict()
+    if dry_run:
+        print(json.dumps(summary, indent=2))
+        return
+    summary["added"], summary["deleted"] = len(report.added), len(report.deleted)
+    print(json.dumps(summary))
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push
+
+    report = push(
+        dataset=args.dataset,
+        repo=args.repo,
+        revision=args.revision,
+        private=args.private,
+        formats=_formats(args.formats),
+        dry_run=args.dry_run,
+    )
+    _print_push(report, dry_run=args.dry_run)
+    return 0
+
+
+def _cmd_release(args: argparse.Namespace) -> int:
+    from .hub import release
+
+    report = release(
+        dataset=args.dataset,
+        repo=args.repo,
+        version=args.version,
+        revision=args.revision,
+        private=args.private,
+        formats=_formats(args.formats),
+        dry_run=args.dry_run,
+    )
+    _print_push(report, dry_run=args.dry_run)
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from .hub import cache_pull, cache_push
+
+    if args.cache_command == "push":
+        report = cache_push(cache=args.cache, repo=args.repo, revision=args.revision, private=args.private)
+        print(
+            json.dumps(
+                {"commits": len(report.commits), "added": len(report.added), "unchanged": report.unchanged}
+            )
+        )
+    else:
+        print(json.dumps(cache_pull(cache=args.cache, repo=args.repo, revision=args.revision)))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .exports import export
+
+    result = export(
+        dataset=args.dataset, config=args.config, format=args.format, output=args.output, split=args.split
+    )
+    print(json.dumps(result))
+    return 0
 
 
 def _cache_alias(url: str) -> str:
@@ -166,7 +422,6 @@ def _cache_alias(url: str) -> str:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import time
 
-    from .engine import EngineConfig
     from .generate.stages import GenerateConfig, generate
 
     config = GenerateConfig(
@@ -182,13 +437,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         reasks=args.reasks,
         limit=args.limit,
         dry_run=args.dry_run,
-        engine=EngineConfig(
-            max_concurrency=args.max_concurrency,
-            requests_per_minute=args.rpm,
-            tokens_per_minute=args.tpm,
-            max_attempts=args.max_attempts,
-            offline=args.offline,
-        ),
+        engine=_engine_config(args, offline=args.offline),
     )
     live = not args.no_progress and sys.stderr.isatty()
     started = time.monotonic()

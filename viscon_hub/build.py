@@ -44,7 +44,7 @@ from .dedup import DedupConfig, dedup_questions
 from .engine import EngineConfig, GenerationCache
 from .errors import ConfigError
 from .images import ImageStore
-from .merge import ConversationStyle, mix_rows, per_image_row, public_source
+from .merge import ConversationStyle, mix_rows, per_image_row, public_source, rounds_of
 
 logger = logging.getLogger(__name__)
 
@@ -188,8 +188,28 @@ def _with_offline(engine: EngineConfig, offline: bool) -> EngineConfig:
     return EngineConfig(**values)
 
 
-def read_records(generations: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The generation records and the stats of a ``viscon generate`` output folder."""
+MIX_COLUMNS = (
+    "id",
+    "document_id",
+    "page_url",
+    "context_mode",
+    "status",
+    "drop_reason",
+    "caption",
+    "qa_freeform",
+    "qa_multiple_choice",
+    "image_sha256",
+    "image_format",
+    "caption_template",
+    "qa_freeform_template",
+    "qa_multiple_choice_template",
+)
+
+
+def read_records(
+    generations: str, *, columns: tuple[str, ...] | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The generation records (all columns, or ``columns``) and the stats of a ``viscon generate`` folder."""
     root = Path(generations)
     path = root / "generations" / "records.parquet"
     if not path.is_file():
@@ -198,7 +218,7 @@ def read_records(generations: str) -> tuple[list[dict[str, Any]], dict[str, Any]
         )
     stats_path = root / "stats.json"
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
-    return pq.read_table(path).to_pylist(), stats
+    return pq.read_table(path, columns=list(columns) if columns else None).to_pylist(), stats
 
 
 class Merger:
@@ -221,11 +241,13 @@ class Merger:
         cache_only: bool = False,
         conversation_style: str | None = None,
         image_store: str | None = None,
+        per_image: bool = True,
     ) -> None:
         self.dedup_config = dedup or DedupConfig()
         self.style = ConversationStyle.load(conversation_style)
         self.test_fraction = test_fraction
-        records, self.generation_stats = read_records(generations)
+        # Mixes need no page text: leaving the big columns unread halves the merge's time and memory.
+        records, self.generation_stats = read_records(generations, columns=None if per_image else MIX_COLUMNS)
         self.store = ImageStore(
             image_store or self.generation_stats.get("image_store") or f"{generations}/images"
         )
@@ -278,18 +300,23 @@ class Merger:
             for chunk in _chunks(recs, CHUNK):
                 for r in chunk:
                     sha = r.get("image_sha256")
-                    if not sha or not self.store.exists(sha):
+                    try:
+                        data = self.store.get(sha) if sha else None
+                    except FileNotFoundError:
+                        data = None
+                    if data is None:
                         self.drops[f"{mode}/image_missing"] += 1
                         continue
-                    image = {"bytes": self.store.get(sha), "path": f"{sha}.{_ext(r)}"}
+                    image = {"bytes": data, "path": f"{sha}.{_ext(r)}"}
                     split = self.split_of(r)
+                    rounds = rounds_of(r, self.style)
                     for c in mode_configs:
                         mix = config_mix(c)
                         if mix is None:
                             generated = self.generated[(mode, r["id"])]
                             rows = [per_image_row(r, image=image, questions_generated=generated)]
                         else:
-                            rows = mix_rows(r, mix, style=self.style, image=image)
+                            rows = mix_rows(r, mix, style=self.style, image=image, rounds=rounds)
                             if not rows:
                                 self.drops[f"{c}/nothing_to_say"] += 1
                         yield c, split, rows
@@ -321,6 +348,7 @@ def write_dataset(
         offline=offline,
         conversation_style=conversation_style,
         image_store=image_store,
+        per_image=any(config_mix(c) is None for c in configs),
     )
     out = Path(output)
     staging = out / ".staging"

@@ -68,16 +68,9 @@ class ConversationStyle:
             raise ConfigError(f"cannot read the conversation style {source}: {e}") from e
 
 
-def _rng(record: dict[str, Any], purpose: str) -> random.Random:
+def _rng(record: dict[str, Any]) -> random.Random:
     # random.Random seeds a str through sha512: stable across processes and Python versions.
-    return random.Random(f"{record['context_mode']}|{record['id']}|{purpose}")
-
-
-def caption_round(record: dict[str, Any], style: ConversationStyle) -> tuple[str, str]:
-    instruction = _rng(record, "caption").choice(style.caption_instructions)
-    if record["context_mode"] == "contextual":
-        instruction = f"{instruction} {_rng(record, 'context').choice(style.context_instructions)}"
-    return instruction, record["caption"]
+    return random.Random(f"{record['context_mode']}|{record['id']}")
 
 
 def multiple_choice_turn(item: dict[str, Any], style: ConversationStyle) -> str:
@@ -85,16 +78,35 @@ def multiple_choice_turn(item: dict[str, Any], style: ConversationStyle) -> str:
     return f"{item['question']}\n{options}\n{style.multiple_choice_instruction}"
 
 
-def qa_rounds(record: dict[str, Any], style: ConversationStyle) -> list[tuple[str, str, str]]:
-    """(round type, user turn, assistant turn) for every kept Q&A item, shuffled with the sample's seed."""
-    rounds = [("freeform", q["question"], q["answer"]) for q in record.get("qa_freeform") or ()]
+def rounds_of(
+    record: dict[str, Any], style: ConversationStyle
+) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+    """(caption round, shuffled Q&A rounds) of a record, each round (type, user turn, assistant turn).
+
+    One generator, seeded by the sample id, draws the caption instruction, then the context
+    instruction, then the Q&A order, so every mix of a record shows the same turns.
+    """
+    rng = _rng(record)
+    caption: list[tuple[str, str, str]] = []
+    instruction = rng.choice(style.caption_instructions)
+    context = rng.choice(style.context_instructions)
+    if record.get("caption"):
+        if record["context_mode"] == "contextual":
+            instruction = f"{instruction} {context}"
+        caption = [("caption", instruction, record["caption"])]
+    qa = [("freeform", q["question"], q["answer"]) for q in record.get("qa_freeform") or ()]
     for item in record.get("qa_multiple_choice") or ():
         # The parser guarantees this; a record edited by hand must not smuggle in a bad answer.
         if len(item["options"]) != 4 or item["answer"] not in LETTERS:
             raise ValueError(f"multiple-choice item of {record['id']} is not four options with an A-D answer")
-        rounds.append(("multiple_choice", multiple_choice_turn(item, style), item["answer"]))
-    _rng(record, "qa_order").shuffle(rounds)
-    return rounds
+        qa.append(("multiple_choice", multiple_choice_turn(item, style), item["answer"]))
+    rng.shuffle(qa)
+    return caption, qa
+
+
+def qa_rounds(record: dict[str, Any], style: ConversationStyle) -> list[tuple[str, str, str]]:
+    """(round type, user turn, assistant turn) for every kept Q&A item, shuffled with the sample's seed."""
+    return rounds_of(record, style)[1]
 
 
 def _conversation(
@@ -116,18 +128,23 @@ def _conversation(
 
 
 def mix_rows(
-    record: dict[str, Any], mix: str, *, style: ConversationStyle, image: Any
+    record: dict[str, Any],
+    mix: str,
+    *,
+    style: ConversationStyle,
+    image: Any,
+    rounds: tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]] | None = None,
 ) -> list[dict[str, Any]]:
     """The rows a mix makes of one record (its Q&A already deduplicated). Empty when it has nothing to say.
 
     ``captions_only``: the caption round. ``qa_only``: the shuffled Q&A rounds. ``leaky``: the
     caption round, then the shuffled Q&A rounds, in one conversation. ``split``: the caption round
-    and the Q&A rounds as two samples, ``<id>-caption`` and ``<id>-qa``.
+    and the Q&A rounds as two samples, ``<id>-caption`` and ``<id>-qa``. ``rounds`` is
+    :func:`rounds_of` of the record, when the caller made it already.
     """
     if mix not in MIXES:
         raise ConfigError(f"unknown mix {mix!r}; expected one of {', '.join(MIXES)}")
-    caption = [("caption", *caption_round(record, style))] if record.get("caption") else []
-    qa = qa_rounds(record, style)
+    caption, qa = rounds if rounds is not None else rounds_of(record, style)
     rid = record["id"]
     if mix == "captions_only":
         return [_conversation(record, rid, caption, image)] if caption else []
@@ -220,7 +237,7 @@ def _provenance(record: dict[str, Any]) -> str:
 
 __all__ = [
     "ConversationStyle",
-    "caption_round",
+    "rounds_of",
     "mix_rows",
     "multiple_choice_turn",
     "per_image_row",

@@ -236,3 +236,20 @@ def test_exports_of_the_quickstart_build(quickstart_build, tmp_path, fmt):
         for split in SPLITS:
             samples = json.loads((tmp_path / f"leaky_{split}.json").read_text())
             assert all(check_sample(s, image_folder=tmp_path / "images") == [] for s in samples)
+
+
+def test_build_info_is_the_same_for_a_cold_and_a_warm_build(quickstart_build, tmp_path):
+    cfg = quickstart_build["config"]
+    out = tmp_path / "warm"
+    write_dataset(
+        generations=f"{cfg.work}/generations",
+        output=str(out),
+        cache=cfg.cache,
+        extra_caches=cfg.extra_caches,
+        image_store=f"{cfg.work}/contexts/images",
+        source="viscon-hub:sample/obelics_sample.jsonl",
+    )
+    first = json.loads((quickstart_build["dataset"] / BUILD_INFO).read_text())
+    assert json.loads((out / BUILD_INFO).read_text()) == first
+    usage = first["usage"]["handwritten-example"]
+    assert usage["replies"] == 216 and usage["cost_usd"] == 0.0

@@ -12,6 +12,7 @@ builds of the same records give byte-identical Parquet.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -203,6 +204,9 @@ MIX_COLUMNS = (
     "caption_template",
     "qa_freeform_template",
     "qa_multiple_choice_template",
+    "caption_key",
+    "qa_freeform_key",
+    "qa_multiple_choice_key",
 )
 
 
@@ -268,6 +272,7 @@ class Merger:
         self.dedup_info: dict[str, Any] = {}
         cache_obj = GenerationCache(cache, fallbacks=extra_caches)
         try:
+            self.usage = _usage(records, cache_obj)
             for mode, recs in self.ok.items():
                 self._dedup(mode, recs, cache_obj, offline=offline, cache_only=cache_only)
         finally:
@@ -385,12 +390,12 @@ def write_dataset(
         "dedup": merger.dedup_info,
         "conversation_style": merger.style.version,
         "generation": {
-            k: gen_stats.get(k)
-            for k in ("caption_model", "qa_model", "context", "records", "records_ok", "engine")
+            k: gen_stats.get(k) for k in ("caption_model", "qa_model", "context", "records", "records_ok")
         },
         "source": public_source(source) if source else None,
         "source_revision": source_revision,
         "templates": merger.templates,
+        "usage": merger.usage,
     }
     (out / BUILD_INFO).write_text(json.dumps(_stable(info), indent=2, sort_keys=True) + "\n")
     write_minimal_readme(out, configs)
@@ -398,14 +403,46 @@ def write_dataset(
 
 
 def _stable(info: dict[str, Any]) -> dict[str, Any]:
-    """Drop run-dependent figures (timings) so that two builds write the same file."""
-    engine = (info.get("generation") or {}).get("engine")
-    if isinstance(engine, dict):
-        engine.pop("elapsed_s", None)
+    """Keep only figures of the data, not of the run (timings, calls vs cache hits): a cold and a warm
+    build of the same records write the same file. What a run called is in its own report."""
+    info = copy.deepcopy(info)
     for d in (info.get("dedup") or {}).values():
         if isinstance(d, dict) and isinstance(d.get("engine"), dict):
-            d["engine"].pop("elapsed_s", None)
+            d["engine"] = {k: d["engine"][k] for k in ("requests", "unique") if k in d["engine"]}
     return info
+
+
+def _usage(records: list[dict[str, Any]], cache: GenerationCache) -> dict[str, dict[str, Any]]:
+    """Tokens and estimated cost per model of the stored replies behind ``records``.
+
+    Read from the cache rather than from a run's report, so a rebuild from a warm cache still shows
+    what the data cost to generate.
+    """
+    from .engine.prices import PriceTable
+
+    prices = PriceTable.load()
+    out: dict[str, dict[str, Any]] = {}
+    seen: set[str] = set()
+    for r in records:
+        for field_name in ("caption_key", "qa_freeform_key", "qa_multiple_choice_key"):
+            key = r.get(field_name)
+            if not key or key in seen:
+                continue
+            seen.add(key)
+            c = cache.get(key)
+            if c is None:
+                continue
+            u = out.setdefault(
+                c.model or "unknown",
+                {"replies": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0},
+            )
+            u["replies"] += 1
+            u["prompt_tokens"] += c.prompt_tokens
+            u["completion_tokens"] += c.completion_tokens
+            u["cost_usd"] += prices.cost(c.model, c.prompt_tokens, c.completion_tokens)
+    for u in out.values():
+        u["cost_usd"] = round(u["cost_usd"], 6)
+    return dict(sorted(out.items()))
 
 
 def _templates(records: list[dict[str, Any]]) -> list[str]:

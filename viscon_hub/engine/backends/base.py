@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from ...errors import ConfigError, MissingDependencyError
 from ..request import Completion, Request
 
-BACKENDS = ("openai", "vllm", "transformers")
+BACKENDS = ("openai", "vllm", "transformers", "sentence-transformers")
 ImageLoader = Callable[[str], bytes]
 
 
@@ -97,6 +97,10 @@ def make_backend(
         from .vllm_backend import VLLMBackend
 
         return VLLMBackend(model, image_loader=image_loader, **options)
+    if kind == "sentence-transformers":
+        from .embed_backend import SentenceTransformersBackend
+
+        return SentenceTransformersBackend(model, image_loader=image_loader, **options)
     from .transformers_backend import TransformersBackend
 
     return TransformersBackend(model, image_loader=image_loader, **options)

@@ -1,4 +1,5 @@
-"""Backends behind one small protocol: ``openai:MODEL``, ``vllm:MODEL``, ``transformers:MODEL``."""
+"""Backends behind one small protocol: ``openai:MODEL``, ``vllm:MODEL``, ``transformers:MODEL``, and
+``sentence-transformers:MODEL`` for the question embeddings of the dedup."""
 
 from .base import Backend, BackendError, make_backend, parse_spec
 

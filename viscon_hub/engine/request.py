@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring
 from typing import Any, Literal
 
 KEY_VERSION = 1
@@ -52,15 +53,13 @@ class Request:
         images = tuple(_image_hashes(messages))
         messages_json = canonical_json(messages)
         sampling_json = canonical_json({k: v for k, v in sampling.items() if v is not None})
-        body = canonical_json(
-            {
-                "v": KEY_VERSION,
-                "stage": stage,
-                "model": model,
-                "template": [template_id, int(template_version)],
-                "messages": json.loads(messages_json),
-                "sampling": json.loads(sampling_json),
-            }
+        # The canonical JSON of {"messages", "model", "sampling", "stage", "template", "v"} (keys in
+        # sorted order), assembled from the parts already serialised: hashing is on the hot path of
+        # every cached replay and of the dedup's embeddings.
+        q = encode_basestring  # what json.dumps(..., ensure_ascii=False) does to a str
+        body = (
+            f'{{"messages":{messages_json},"model":{q(model)},"sampling":{sampling_json},'
+            f'"stage":{q(stage)},"template":[{q(template_id)},{int(template_version)}],"v":{KEY_VERSION}}}'
         )
         key = hashlib.sha256(body.encode("utf-8")).hexdigest()
         return cls(

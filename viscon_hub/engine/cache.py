@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
 import fsspec
@@ -245,8 +245,8 @@ class GenerationCache:
 
 
 def _row(c: Completion) -> dict:
-    d = asdict(c)
-    return {k: d.get(k) for k in _COLUMNS}
+    # getattr, not dataclasses.asdict: asdict deep-copies every field and sat on the reply hot path.
+    return {k: getattr(c, k, None) for k in _COLUMNS}
 
 
 def _completion(row: dict) -> Completion:

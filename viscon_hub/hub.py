@@ -32,6 +32,7 @@ from .errors import ConfigError, VisconError
 logger = logging.getLogger(__name__)
 
 MAX_FILES_PER_COMMIT = 100
+BACKOFF_BASE_S = 1.0  # doubled per attempt, capped at 30 s; a Retry-After header wins
 PUSH_FORMATS = ("idefics", "llava")
 LFS_SUFFIXES = (".parquet", ".png", ".tar", ".jpg", ".jpeg", ".webp", ".bin")
 T = TypeVar("T")
@@ -86,11 +87,11 @@ def _retrying(
             retryable = status in (412, 429) or (status is not None and status >= 500)
             if not retryable or attempt == attempts:
                 raise HubError(_scrub(f"{what} failed (HTTP {status}): {e}", token)) from None
-            delay = min(2.0 ** (attempt - 1), 30.0) * (0.5 + random.random() / 2)
+            delay = min(BACKOFF_BASE_S * 2.0 ** (attempt - 1), 30.0) * (0.5 + random.random() / 2)
             header = response.headers.get("retry-after") if response is not None else None
             if header:
                 try:
-                    delay = min(float(header), 60.0)
+                    delay = min(float(header), 60.0 * BACKOFF_BASE_S)
                 except ValueError:
                     pass
             if report is not None:

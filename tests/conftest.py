@@ -82,3 +82,56 @@ def quickstart_build(tmp_path_factory):
         )
         report = build(config)
     return {"root": root, "dataset": root / "viscon", "config": config, "report": report}
+
+
+@pytest.fixture
+def hub_server(monkeypatch, tmp_path):
+    """A local Hub-protocol server (tests/servers/minihub.py) that the real clients talk to.
+
+    Sets ``HF_ENDPOINT``, a fake ``HF_TOKEN``, ``HF_HUB_DISABLE_XET=1`` and a private ``HF_HOME``, turns
+    the offline switches of the isolation fixture back off, and patches the module constants that
+    huggingface_hub and datasets read at import time.
+    """
+    import secrets
+
+    import datasets.config as dconfig
+    from huggingface_hub import HfFileSystem, constants
+
+    from tests.servers.minihub import MiniHub
+
+    hub = MiniHub().start()
+    endpoint = hub.endpoint
+    home = tmp_path / "hf_home_hub"
+    env = {
+        "HF_ENDPOINT": endpoint,
+        "HF_TOKEN": "hf_test_" + secrets.token_hex(12),
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HOME": str(home),
+        "HF_DATASETS_CACHE": str(home / "datasets"),
+        "HF_HUB_CACHE": str(home / "hub"),
+        "HF_HUB_OFFLINE": "0",
+        "HF_DATASETS_OFFLINE": "0",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(dconfig, "HF_ENDPOINT", endpoint)
+    monkeypatch.setattr(
+        dconfig, "HUB_DATASETS_URL", endpoint + "/datasets/{repo_id}/resolve/{revision}/{path}"
+    )
+    monkeypatch.setattr(dconfig, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(dconfig, "HF_DATASETS_OFFLINE", False)
+    monkeypatch.setattr(dconfig, "HF_DATASETS_CACHE", home / "datasets")
+    HfFileSystem.clear_instance_cache()
+    try:
+        yield hub
+    finally:
+        HfFileSystem.clear_instance_cache()
+        hub.stop()

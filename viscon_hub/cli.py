@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hub_flags(r)
     r.add_argument("--version", required=True, help="X.Y.Z")
-    r.set_defaults(func=_cmd_release)
+    r.set_defaults(func=_cmd_push)
 
     k = sub.add_parser("cache", help="share the generation cache through the Hub (push | pull)")
     ksub = k.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
@@ -355,32 +355,19 @@ def _print_push(report, *, dry_run: bool) -> None:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from .hub import push
+    """``push`` and ``release`` (which adds ``--version``)."""
+    from .hub import push, release
 
-    report = push(
-        dataset=args.dataset,
-        repo=args.repo,
-        revision=args.revision,
-        private=args.private,
-        formats=_formats(args.formats),
-        dry_run=args.dry_run,
-    )
-    _print_push(report, dry_run=args.dry_run)
-    return 0
-
-
-def _cmd_release(args: argparse.Namespace) -> int:
-    from .hub import release
-
-    report = release(
-        dataset=args.dataset,
-        repo=args.repo,
-        version=args.version,
-        revision=args.revision,
-        private=args.private,
-        formats=_formats(args.formats),
-        dry_run=args.dry_run,
-    )
+    options = {
+        "dataset": args.dataset,
+        "repo": args.repo,
+        "revision": args.revision,
+        "private": args.private,
+        "formats": _formats(args.formats),
+        "dry_run": args.dry_run,
+    }
+    version = getattr(args, "version", None)
+    report = release(version=version, **options) if version is not None else push(**options)
     _print_push(report, dry_run=args.dry_run)
     return 0
 

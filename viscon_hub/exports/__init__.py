@@ -280,6 +280,25 @@ class JsonListWriter:
         self.f.write("\n]\n" if self.count else "[]\n")
 
 
+def write_json_splits(
+    source: Source, *, splits, output: Path, images: ImageFolder, tally: Tally, to_sample
+) -> list[str]:
+    """One ``<config>_<split>.json`` list per split, ``to_sample(row, image path)`` per kept row; the names."""
+    files = []
+    for split in splits:
+        name = f"{source.config}_{split}.json"
+        with atomic_open(output / name) as f:
+            writer = JsonListWriter(f)
+            for batch in source.batches(split):
+                for row in batch:
+                    if tally.keep(row):
+                        writer.add(to_sample(row, images.add(row["image"])))
+            writer.close()
+        tally.rows[split] = writer.count
+        files.append(name)
+    return files
+
+
 def write_parquet(
     path: Path, features: Any, batches: Iterator[list[dict[str, Any]]], *, compression: str = "zstd"
 ) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from . import IMAGE_FOLDER, ImageFolder, JsonListWriter, Source, Tally, atomic_open
+from . import IMAGE_FOLDER, ImageFolder, Source, Tally, atomic_open, write_json_splits
 
 DATASET_INFO = "dataset_info.json"
 IMAGE_TOKEN = "<image>"
@@ -69,20 +69,13 @@ def write(source: Source, *, splits: Sequence[str], output: Path) -> dict[str, A
     """Write ``<config>_<split>.json`` per split, the images and ``dataset_info.json``; return the summary part."""
     images = ImageFolder(output)
     tally = Tally()
-    files = []
-    entries = {}
-    for split in splits:
-        name = f"{source.config}_{split}.json"
-        with atomic_open(output / name) as f:
-            writer = JsonListWriter(f)
-            for batch in source.batches(split):
-                for row in batch:
-                    if tally.keep(row):
-                        writer.add(to_sample(row, images.add(row["image"])))
-            writer.close()
-        tally.rows[split] = writer.count
-        files.append(name)
-        entries[dataset_name(source.config, split)] = dataset_info_entry(name)
+    files = write_json_splits(
+        source, splits=splits, output=output, images=images, tally=tally, to_sample=to_sample
+    )
+    entries = {
+        dataset_name(source.config, split): dataset_info_entry(f"{source.config}_{split}.json")
+        for split in splits
+    }
     _update_dataset_info(output / DATASET_INFO, entries)
     return {
         "files": sorted([*files, DATASET_INFO]),

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import ImageFolder, JsonListWriter, Source, Tally, atomic_open, rounds
+from . import ImageFolder, Source, Tally, rounds, write_json_splits
 
 IMAGE_TOKEN = "<image>"
 ROLES = ("human", "gpt")
@@ -53,18 +53,9 @@ def write(source: Source, *, splits: Sequence[str], output: Path) -> dict[str, A
     """Write ``<config>_<split>.json`` for each split and the images they name; return the summary part."""
     images = ImageFolder(output)
     tally = Tally()
-    files = []
-    for split in splits:
-        name = f"{source.config}_{split}.json"
-        with atomic_open(output / name) as f:
-            writer = JsonListWriter(f)
-            for batch in source.batches(split):
-                for row in batch:
-                    if tally.keep(row):
-                        writer.add(to_sample(row, images.add(row["image"])))
-            writer.close()
-        tally.rows[split] = writer.count
-        files.append(name)
+    files = write_json_splits(
+        source, splits=splits, output=output, images=images, tally=tally, to_sample=to_sample
+    )
     return {
         "files": sorted(files),
         **tally.summary(),

@@ -178,3 +178,16 @@ def test_bad_repo_and_incomplete_dataset(hub_server, tmp_path):
         push(dataset=tmp_path, repo="no-slash")
     with pytest.raises(ConfigError, match="viscon build"):
         push(dataset=tmp_path, repo=REPO)
+
+
+def test_cache_cli(hub_server, tmp_path, capsys):
+    from viscon_hub.generate.handwritten import BUNDLED_CACHE
+
+    cache = tmp_path / "cache"
+    shutil.copytree(BUNDLED_CACHE, cache)
+    assert main(["cache", "push", "--cache", str(cache), "--repo", "viscon-org/c"]) == 0
+    assert json.loads(capsys.readouterr().out)["commits"] == 1
+    assert main(["cache", "pull", "--cache", str(tmp_path / "pulled"), "--repo", "viscon-org/c"]) == 0
+    assert json.loads(capsys.readouterr().out)["shards_pulled"] == 1
+    assert main(["cache", "push", "--cache", str(tmp_path / "missing"), "--repo", "viscon-org/c"]) == 2
+    assert "not a local cache folder" in capsys.readouterr().err

@@ -95,7 +95,7 @@ def hub_server(monkeypatch, tmp_path):
     import secrets
 
     import datasets.config as dconfig
-    from huggingface_hub import HfFileSystem, constants
+    from huggingface_hub import HfFileSystem, constants, hf_api
 
     from tests.servers.minihub import MiniHub
 
@@ -115,6 +115,10 @@ def hub_server(monkeypatch, tmp_path):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    # Module-level helpers (upload_file, create_repo, ...) are methods of an HfApi made at import time.
+    monkeypatch.setattr(hf_api.api, "endpoint", endpoint)
+    # Without these, load_dataset also asks a datasets-server host and bumps download counts.
+    monkeypatch.setattr(dconfig, "USE_PARQUET_EXPORT", False, raising=False)
     monkeypatch.setattr(
         constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}"
     )

@@ -191,3 +191,11 @@ def test_cache_cli(hub_server, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["shards_pulled"] == 1
     assert main(["cache", "push", "--cache", str(tmp_path / "missing"), "--repo", "viscon-org/c"]) == 2
     assert "not a local cache folder" in capsys.readouterr().err
+
+
+def test_module_level_client_helpers_reach_the_local_hub(hub_server):
+    from huggingface_hub import DatasetCard, create_repo
+
+    create_repo("viscon-org/card-only", repo_type="dataset")
+    DatasetCard("---\nlicense: mit\n---\n\n# card\n").push_to_hub("viscon-org/card-only")
+    assert b"license: mit" in hub_server.files("viscon-org/card-only")["README.md"]

@@ -19,7 +19,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,6 @@ logger = logging.getLogger(__name__)
 QUICKSTART_MODEL = "openai:handwritten-example"
 SAMPLE_SOURCE = "viscon-hub:sample/obelics_sample.jsonl"
 ROW_GROUP = 256
-CHUNK = 2048
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -158,7 +157,7 @@ def build(config: BuildConfig, *, progress: Callable[[str], None] | None = None)
             context="both" if len(config.modes) == 2 else config.modes[0],
             image_store=f"{work}/contexts/images",
             reasks=config.reasks,
-            engine=_with_offline(config.engine, config.offline),
+            engine=replace(config.engine, offline=config.offline),
         )
     )
     say("merge")
@@ -181,12 +180,6 @@ def build(config: BuildConfig, *, progress: Callable[[str], None] | None = None)
         "elapsed_s": round(time.monotonic() - started, 3),
     }
     return report
-
-
-def _with_offline(engine: EngineConfig, offline: bool) -> EngineConfig:
-    values = {f: getattr(engine, f) for f in engine.__dataclass_fields__}
-    values["offline"] = offline
-    return EngineConfig(**values)
 
 
 MIX_COLUMNS = (
@@ -302,29 +295,28 @@ class Merger:
             mode_configs = [c for c in configs if config_mode(c) == mode]
             if not mode_configs:
                 continue
-            for chunk in _chunks(recs, CHUNK):
-                for r in chunk:
-                    sha = r.get("image_sha256")
-                    try:
-                        data = self.store.get(sha) if sha else None
-                    except FileNotFoundError:
-                        data = None
-                    if data is None:
-                        self.drops[f"{mode}/image_missing"] += 1
-                        continue
-                    image = {"bytes": data, "path": f"{sha}.{_ext(r)}"}
-                    split = self.split_of(r)
-                    rounds = rounds_of(r, self.style)
-                    for c in mode_configs:
-                        mix = config_mix(c)
-                        if mix is None:
-                            generated = self.generated[(mode, r["id"])]
-                            rows = [per_image_row(r, image=image, questions_generated=generated)]
-                        else:
-                            rows = mix_rows(r, mix, style=self.style, image=image, rounds=rounds)
-                            if not rows:
-                                self.drops[f"{c}/nothing_to_say"] += 1
-                        yield c, split, rows
+            for r in recs:
+                sha = r.get("image_sha256")
+                try:
+                    data = self.store.get(sha) if sha else None
+                except FileNotFoundError:
+                    data = None
+                if data is None:
+                    self.drops[f"{mode}/image_missing"] += 1
+                    continue
+                image = {"bytes": data, "path": f"{sha}.{_ext(r)}"}
+                split = self.split_of(r)
+                rounds = rounds_of(r, self.style)
+                for c in mode_configs:
+                    mix = config_mix(c)
+                    if mix is None:
+                        generated = self.generated[(mode, r["id"])]
+                        rows = [per_image_row(r, image=image, questions_generated=generated)]
+                    else:
+                        rows = mix_rows(r, mix, style=self.style, image=image, rounds=rounds)
+                        if not rows:
+                            self.drops[f"{c}/nothing_to_say"] += 1
+                    yield c, split, rows
 
 
 def write_dataset(
@@ -461,11 +453,6 @@ def _page_key(r: dict[str, Any]) -> str:
 def _ext(r: dict[str, Any]) -> str:
     fmt = (r.get("image_format") or "jpeg").lower()
     return {"jpeg": "jpg"}.get(fmt, fmt)
-
-
-def _chunks(items: list, n: int) -> Iterator[list]:
-    for i in range(0, len(items), n):
-        yield items[i : i + n]
 
 
 def _nest(counter: Counter[str]) -> dict[str, dict[str, int]]:

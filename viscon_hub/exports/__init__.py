@@ -299,6 +299,24 @@ def write_json_splits(
     return files
 
 
+def write_parquet_splits(
+    source: Source, *, splits, output: Path, features, to_row, data_path
+) -> dict[str, Any]:
+    """``data_path(config, split)`` Parquet per split of ``to_row(row)`` per kept row; the summary part."""
+    tally = Tally()
+    files = []
+
+    def rows(split: str) -> Iterator[list[dict[str, Any]]]:
+        for batch in source.batches(split):
+            yield [to_row(r) for r in batch if tally.keep(r)]
+
+    for split in splits:
+        path = data_path(source.config, split)
+        tally.rows[split] = write_parquet(output / path, features, rows(split))
+        files.append(path)
+    return {"files": sorted(files), **tally.summary()}
+
+
 def write_parquet(
     path: Path, features: Any, batches: Iterator[list[dict[str, Any]]], *, compression: str = "zstd"
 ) -> int:

@@ -16,13 +16,13 @@ so ``load_dataset("parquet", data_files=...)`` gives back ``Image`` columns.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..dataset import SPLITS, config_mix
 from ..errors import ConfigError
-from . import Source, Tally, embedded_image, rounds, write_parquet
+from . import Source, embedded_image, rounds, write_parquet_splits
 
 SUFFIX = "_idefics"
 
@@ -77,19 +77,15 @@ def to_row(row: dict[str, Any], *, source: str) -> dict[str, Any]:
 
 def write(source: Source, *, splits: Sequence[str], output: Path) -> dict[str, Any]:
     """Write ``<config>_idefics/<split>-00000-of-00001.parquet`` per split; return the summary part."""
-    tally = Tally()
     name = f"viscon/{source.config}"
-    files = []
-
-    def rows(split: str) -> Iterator[list[dict[str, Any]]]:
-        for batch in source.batches(split):
-            yield [to_row(r, source=name) for r in batch if tally.keep(r)]
-
-    for split in splits:
-        path = idefics_data_path(source.config, split)
-        tally.rows[split] = write_parquet(output / path, features(), rows(split))
-        files.append(path)
-    return {"files": sorted(files), **tally.summary()}
+    return write_parquet_splits(
+        source,
+        splits=splits,
+        output=output,
+        features=features(),
+        to_row=lambda r: to_row(r, source=name),
+        data_path=idefics_data_path,
+    )
 
 
 __all__ = ["SUFFIX", "features", "idefics_config_name", "idefics_data_path", "to_row", "write"]

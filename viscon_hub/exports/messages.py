@@ -21,13 +21,13 @@ texts for chat templates that test ``"text" in block``.)
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..dataset import SPLITS, config_mix
 from ..errors import ConfigError
-from . import Source, Tally, embedded_image, write_parquet
+from . import Source, embedded_image, write_parquet_splits
 
 SUFFIX = "_messages"
 
@@ -78,18 +78,9 @@ def to_row(row: dict[str, Any]) -> dict[str, Any]:
 
 def write(source: Source, *, splits: Sequence[str], output: Path) -> dict[str, Any]:
     """Write ``<config>_messages/<split>-00000-of-00001.parquet`` per split; return the summary part."""
-    tally = Tally()
-    files = []
-
-    def rows(split: str) -> Iterator[list[dict[str, Any]]]:
-        for batch in source.batches(split):
-            yield [to_row(r) for r in batch if tally.keep(r)]
-
-    for split in splits:
-        path = messages_data_path(source.config, split)
-        tally.rows[split] = write_parquet(output / path, features(), rows(split))
-        files.append(path)
-    return {"files": sorted(files), **tally.summary()}
+    return write_parquet_splits(
+        source, splits=splits, output=output, features=features(), to_row=to_row, data_path=messages_data_path
+    )
 
 
 __all__ = ["SUFFIX", "features", "messages_data_path", "to_messages", "to_row", "write"]

@@ -10,6 +10,7 @@ bounded concurrency; larger ``max_batch`` backends (vLLM offline) get whole batc
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -48,6 +49,26 @@ class Backend(Protocol):
     async def complete_batch(self, requests: list[Request]) -> list[Completion | BackendError]: ...
 
     async def aclose(self) -> None: ...
+
+
+class ThreadedBatchBackend:
+    """For backends whose work is one blocking call per batch (vLLM, sentence-transformers).
+
+    Subclasses define ``_run(requests) -> list[Completion | BackendError]``; it runs in a worker
+    thread so the event loop stays free, and a single request is a batch of one.
+    """
+
+    def _run(self, requests: list[Request]) -> list[Completion | BackendError]:
+        raise NotImplementedError
+
+    async def complete_batch(self, requests: list[Request]) -> list[Completion | BackendError]:
+        return await asyncio.to_thread(self._run, requests)
+
+    async def complete(self, request: Request) -> Completion:
+        out = (await self.complete_batch([request]))[0]
+        if isinstance(out, BackendError):
+            raise out
+        return out
 
 
 async def complete_each(backend: Backend, requests: list[Request]) -> list[Completion | BackendError]:

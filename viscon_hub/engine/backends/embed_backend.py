@@ -20,7 +20,6 @@ below any useful dedup threshold. :func:`decode_embedding` reads either form bac
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import os
 import time
@@ -33,7 +32,7 @@ import numpy as np
 
 from ...errors import ConfigError
 from ..request import Completion, Request
-from .base import BackendError, ImageLoader, require
+from .base import BackendError, ImageLoader, ThreadedBatchBackend, require
 
 EMBED_STAGE = "embed"
 EMBED_TEMPLATE = "embed"
@@ -155,7 +154,7 @@ def _text(request: Request) -> str:
     return "".join(part.get("text", "") for part in content)
 
 
-class SentenceTransformersBackend:
+class SentenceTransformersBackend(ThreadedBatchBackend):
     """Batched text embeddings; replies are encoded vectors (see the module docstring).
 
     ``local_files_only`` loads without any download (``HF_HUB_OFFLINE`` is set for the load).
@@ -242,15 +241,6 @@ class SentenceTransformersBackend:
                         latency_s=latency,
                     )
         return outcomes  # type: ignore[return-value]
-
-    async def complete_batch(self, requests: list[Request]) -> list[Completion | BackendError]:
-        return await asyncio.to_thread(self._run, requests)
-
-    async def complete(self, request: Request) -> Completion:
-        out = (await self.complete_batch([request]))[0]
-        if isinstance(out, BackendError):
-            raise out
-        return out
 
     async def aclose(self) -> None:
         self.st = None

@@ -6,15 +6,14 @@ Requests arrive in batches of ``max_batch``; ``LLM.chat`` takes the OpenAI-style
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
 from ..request import Completion, Request
-from .base import BackendError, ImageLoader, openai_messages, require
+from .base import BackendError, ImageLoader, ThreadedBatchBackend, openai_messages, require
 
 
-class VLLMBackend:
+class VLLMBackend(ThreadedBatchBackend):
     name = "vllm"
 
     def __init__(
@@ -65,15 +64,6 @@ class VLLMBackend:
                     latency_s=latency,
                 )
         return outcomes  # type: ignore[return-value]
-
-    async def complete_batch(self, requests: list[Request]) -> list[Completion | BackendError]:
-        return await asyncio.to_thread(self._run, requests)
-
-    async def complete(self, request: Request) -> Completion:
-        out = (await self.complete_batch([request]))[0]
-        if isinstance(out, BackendError):
-            raise out
-        return out
 
     async def aclose(self) -> None:
         self.llm = None

@@ -229,7 +229,9 @@ def test_exports_of_the_quickstart_build(quickstart_build, tmp_path, fmt):
     from viscon_hub.exports import export
     from viscon_hub.exports.llava import check_sample
 
-    summary = export(dataset=str(quickstart_build["dataset"]), config="leaky", format=fmt, output=str(tmp_path))
+    summary = export(
+        dataset=str(quickstart_build["dataset"]), config="leaky", format=fmt, output=str(tmp_path)
+    )
     expected = {s: len(rows(quickstart_build["dataset"], "leaky", s)) for s in SPLITS}
     assert summary["rows"] == expected
     if fmt == "llava":
@@ -253,3 +255,39 @@ def test_build_info_is_the_same_for_a_cold_and_a_warm_build(quickstart_build, tm
     assert json.loads((out / BUILD_INFO).read_text()) == first
     usage = first["usage"]["handwritten-example"]
     assert usage["replies"] == 216 and usage["cost_usd"] == 0.0
+
+
+def test_missing_images_and_dropped_records_are_counted_and_lose_nothing_else(quickstart_build, tmp_path):
+    import pyarrow as pa
+
+    cfg = quickstart_build["config"]
+    gen = tmp_path / "generations"
+    shutil.copytree(f"{cfg.work}/generations", gen)
+    store = tmp_path / "images"
+    shutil.copytree(f"{cfg.work}/contexts/images", store)
+    path = gen / "generations" / "records.parquet"
+    table = pq.read_table(path)
+    records = table.to_pylist()
+    contextual = [r for r in records if r["context_mode"] == "contextual"]
+    gone, failed = contextual[0], contextual[1]
+    failed["status"], failed["drop_reason"] = "dropped", "qa_freeform_missing_rounds"
+    pq.write_table(pa.Table.from_pylist(records, schema=table.schema), path)
+    blob = store / "blobs" / gone["image_sha256"][:2] / gone["image_sha256"]
+    # Other records may share the image; every record with it is dropped, nothing else is.
+    sharing = sum(r["image_sha256"] == gone["image_sha256"] for r in contextual if r is not failed)
+    blob.unlink()
+
+    report = write_dataset(
+        generations=str(gen),
+        output=str(tmp_path / "out"),
+        configs=("contextual", "leaky"),
+        cache=cfg.cache,
+        extra_caches=cfg.extra_caches,
+        image_store=str(store),
+    )
+    assert report.dropped["contextual"] == {"image_missing": sharing, "qa_freeform_missing_rounds": 1}
+    expected = len(contextual) - sharing - 1
+    assert sum(report.rows["contextual"].values()) == expected
+    assert sum(report.rows["leaky"].values()) == expected
+    info = json.loads((tmp_path / "out" / BUILD_INFO).read_text())
+    assert info["dropped"]["merge"]["contextual"]["image_missing"] == sharing

@@ -4,7 +4,7 @@ Both sides get the same seeded, L2-normalised random vectors (by default 20,000 
 4 free-form + 4 multiple-choice, 384 dimensions, with about half the multiple-choice questions
 planted as paraphrases of a free-form one) and must return the same kept questions per image.
 
-- ours: ``viscon_hub.dedup.select_per_image``, the path ``dedup_questions`` takes once embeddings are
+- ours: ``viscon_hub.build.dedup.select_per_image``, the path ``dedup_questions`` takes once embeddings are
   decoded.
 - bare: per image, a plain numpy matrix product and the same greedy rule written inline the simplest
   way (sort by mean similarity, keep under the threshold, top each type up to its minimum).
@@ -61,7 +61,7 @@ def bare(e: np.ndarray, images: int, nf: int, nm: int, threshold: float, min_ff:
 
 
 def main() -> None:
-    from viscon_hub.dedup import DedupConfig, select_per_image
+    from viscon_hub.build.dedup import DedupConfig, select_per_image
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

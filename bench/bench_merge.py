@@ -5,7 +5,7 @@ row per image holding the image and a conversation:
 
 - bare: one ``json.loads`` per record line, caption and Q&A concatenated into a message list,
   ``pa.Table.from_pylist`` and ``pq.write_table``;
-- ours: ``viscon_hub.build.write_dataset`` for the ``leaky`` config (record reading, seeded
+- ours: ``viscon_hub.build.driver.write_dataset`` for the ``leaky`` config (record reading, seeded
   instructions and shuffles, image store reads, validation, the declared Features, row groups,
   staging and renaming, the README and build info). The question dedup is measured on its own in
   ``bench_dedup.py``; here it keeps every question.
@@ -33,10 +33,10 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from viscon_hub import build as build_module  # noqa: E402
-from viscon_hub.dedup import DedupResult  # noqa: E402
+from viscon_hub.build import driver as build_module  # noqa: E402
+from viscon_hub.build.dedup import DedupResult  # noqa: E402
 from viscon_hub.generate.stages import GENERATION_SCHEMA  # noqa: E402
-from viscon_hub.images import ImageStore  # noqa: E402
+from viscon_hub.prepare.images import ImageStore  # noqa: E402
 
 
 def make_records(n: int, root: Path) -> tuple[Path, Path]:

@@ -62,10 +62,10 @@ def write_corpus(path: Path, n_docs: int, words_per_doc: int, seed: int = 0) -> 
 
 
 def throughput(n_docs: int, repeats: int, words_per_doc: int) -> dict:
-    from viscon_hub.prepare import PrepareConfig, PrepareStats, process_batch
-    from viscon_hub.readers import RawRow
-    from viscon_hub.tokens import TokenCounter
-    from viscon_hub.validate import parse_row
+    from viscon_hub.prepare.driver import PrepareConfig, PrepareStats, process_batch
+    from viscon_hub.prepare.readers import RawRow
+    from viscon_hub.prepare.tokens import TokenCounter
+    from viscon_hub.prepare.validate import parse_row
 
     rng = random.Random(1)
     rows = [RawRow(data=make_row(i, rng, words_per_doc), source="bench", row=i) for i in range(n_docs)]
@@ -115,7 +115,7 @@ def throughput(n_docs: int, repeats: int, words_per_doc: int) -> dict:
 
 CHILD = """
 import json, resource, sys, time
-from viscon_hub.prepare import PrepareConfig, prepare
+from viscon_hub.prepare.driver import PrepareConfig, prepare
 t = time.perf_counter()
 stats = prepare(PrepareConfig(source=sys.argv[1], output=sys.argv[2], fetch_images=False))
 print(json.dumps({"documents_read": stats.documents_read, "images_kept": stats.images_kept,

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 import datasets
 
 from viscon_hub import __version__
-from viscon_hub.build import Merger
-from viscon_hub.dataset import (
+from viscon_hub.build.dedup import DedupConfig
+from viscon_hub.build.driver import Merger
+from viscon_hub.build.layout import (
     ALL_CONFIGS,
     DEFAULT_CONFIG,
     DEFAULT_TEST_FRACTION,
@@ -32,7 +33,6 @@ from viscon_hub.dataset import (
     config_mode,
     features_for,
 )
-from viscon_hub.dedup import DedupConfig
 
 _DESCRIPTIONS = {
     "contextual": "one row per image with its web context and everything generated for it with that context",
@@ -49,8 +49,10 @@ def _description(name: str) -> str:
     if mix is None:
         return _DESCRIPTIONS[name]
     text = _DESCRIPTIONS[mix]
-    return text if config_mode(name) == "contextual" else text.replace("contextual caption", "caption") + (
-        ", from the non-contextual generations"
+    return (
+        text
+        if config_mode(name) == "contextual"
+        else text.replace("contextual caption", "caption") + (", from the non-contextual generations")
     )
 
 

@@ -67,7 +67,7 @@ def quickstart_build(tmp_path_factory):
 
     Tests must not modify it; copy it first.
     """
-    from viscon_hub.build import BuildConfig, build
+    from viscon_hub.build.driver import BuildConfig, build
 
     root = tmp_path_factory.mktemp("quickstart")
     with pytest.MonkeyPatch.context() as mp:

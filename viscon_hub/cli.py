@@ -8,8 +8,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import __version__
-from .errors import VisconError
+from viscon_hub import __version__
+from viscon_hub.errors import VisconError
 
 logger = logging.getLogger("viscon_hub")
 
@@ -77,7 +77,7 @@ def _add_generation_flags(g: argparse.ArgumentParser, *, quickstart_defaults: bo
 
 
 def _engine_config(args: argparse.Namespace, *, offline: bool):
-    from .engine import EngineConfig
+    from viscon_hub.engine import EngineConfig
 
     return EngineConfig(
         max_concurrency=args.max_concurrency,
@@ -282,9 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_build(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .build import BuildConfig, build
-    from .dataset import parse_configs
-    from .dedup import DedupConfig
+    from viscon_hub.build.dedup import DedupConfig
+    from viscon_hub.build.driver import BuildConfig, build
+    from viscon_hub.build.layout import parse_configs
 
     dedup = DedupConfig()
     if args.dedup_threshold is not None:
@@ -334,7 +334,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_card(args: argparse.Namespace) -> int:
-    from .card import write_card
+    from viscon_hub.publish.card import write_card
 
     summary = write_card(args.dataset, repo_id=args.repo, license=args.license)
     print(json.dumps(summary, sort_keys=True))
@@ -356,7 +356,7 @@ def _print_push(report, *, dry_run: bool) -> None:
 
 def _cmd_push(args: argparse.Namespace) -> int:
     """``push`` and ``release`` (which adds ``--version``)."""
-    from .hub import push, release
+    from viscon_hub.publish.hub import push, release
 
     options = {
         "dataset": args.dataset,
@@ -373,7 +373,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from .hub import cache_pull, cache_push
+    from viscon_hub.publish.hub import cache_pull, cache_push
 
     if args.cache_command == "push":
         report = cache_push(cache=args.cache, repo=args.repo, revision=args.revision, private=args.private)
@@ -388,7 +388,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .exports import export
+    from viscon_hub.publish.exports import export
 
     result = export(
         dataset=args.dataset, config=args.config, format=args.format, output=args.output, split=args.split
@@ -400,7 +400,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cache_alias(url: str) -> str:
     """``bundled`` names the handwritten cache shipped for the bundled sample."""
     if url == "bundled":
-        from .generate.handwritten import BUNDLED_CACHE
+        from viscon_hub.generate.handwritten import BUNDLED_CACHE
 
         return str(BUNDLED_CACHE)
     return url
@@ -409,7 +409,7 @@ def _cache_alias(url: str) -> str:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import time
 
-    from .generate.stages import GenerateConfig, generate
+    from viscon_hub.generate.stages import GenerateConfig, generate
 
     config = GenerateConfig(
         contexts=args.contexts,
@@ -466,7 +466,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .prepare import PrepareConfig, prepare
+    from viscon_hub.prepare.driver import PrepareConfig, prepare
 
     overrides = {
         "source": args.source,

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 _PACKAGE = Path(__file__).parent
+PACKAGE_DATA = _PACKAGE / "data"
+"""The package's own data: the bundled sample, cache, tokenizer and handwritten replies."""
 
 
 def configs_dir() -> Path | None:

@@ -101,15 +101,34 @@ def test_remote_fsspec_cache_writes_parquet_shards():
 def test_request_key_ignores_image_location_and_tracks_content():
     def req(sha, text="describe", version=1, temperature=0.2):
         return Request.create(
-            stage="caption_contextual", model="gpt-4o", template_id="contextual_caption", template_version=version,
-            messages=[{"role": "user", "content": [{"type": "image", "sha256": sha}, {"type": "text", "text": text}]}],
+            stage="caption_contextual",
+            model="gpt-4o",
+            template_id="contextual_caption",
+            template_version=version,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "sha256": sha}, {"type": "text", "text": text}],
+                }
+            ],
             sampling={"temperature": temperature},
         )
 
     a, b = "a" * 64, "b" * 64
     assert req(a).key == req(a).key
     assert req(a).images == (a,)
-    assert len({req(a).key, req(b).key, req(a, text="x").key, req(a, version=2).key, req(a, temperature=0.3).key}) == 5
+    assert (
+        len(
+            {req(a).key, req(b).key, req(a, text="x").key, req(a, version=2).key, req(a, temperature=0.3).key}
+        )
+        == 5
+    )
     with pytest.raises(ValueError, match="sha256"):
-        Request.create(stage="s", model="m", template_id="t", template_version=1,
-                       messages=[{"role": "user", "content": [{"type": "image", "url": "http://x"}]}], sampling={})
+        Request.create(
+            stage="s",
+            model="m",
+            template_id="t",
+            template_version=1,
+            messages=[{"role": "user", "content": [{"type": "image", "url": "http://x"}]}],
+            sampling={},
+        )

@@ -1,8 +1,8 @@
 """The real openai client, through the engine, against a local server that injects faults."""
 
 import pytest
-from servers.openai_server import OpenAITestServer
 
+from tests.servers.openai_server import OpenAITestServer
 from viscon_hub.engine import Engine, EngineConfig, GenerationCache, Request, make_backend
 from viscon_hub.errors import ConfigError
 
@@ -16,9 +16,14 @@ def server():
 
 
 def req(i, text="Write <Human> questions about this caption: a red mug on a desk."):
-    return Request.create(stage="qa_freeform", model="viscon-test-llm", template_id="qa_freeform",
-                          template_version=1, messages=[{"role": "user", "content": f"{text} #{i}"}],
-                          sampling={"temperature": 0.0, "max_tokens": 400})
+    return Request.create(
+        stage="qa_freeform",
+        model="viscon-test-llm",
+        template_id="qa_freeform",
+        template_version=1,
+        messages=[{"role": "user", "content": f"{text} #{i}"}],
+        sampling={"temperature": 0.0, "max_tokens": 400},
+    )
 
 
 def engine_for(tmp_path, **kw):
@@ -27,8 +32,13 @@ def engine_for(tmp_path, **kw):
 
 
 def backend_for(server, timeout_s=5.0):
-    return make_backend("openai:viscon-test-llm", image_loader=lambda sha: b"", base_url=server.base_url,
-                        api_key="sk-test-secret-123", timeout_s=timeout_s)
+    return make_backend(
+        "openai:viscon-test-llm",
+        image_loader=lambda sha: b"",
+        base_url=server.base_url,
+        api_key="sk-test-secret-123",
+        timeout_s=timeout_s,
+    )
 
 
 @pytest.mark.parametrize("kind", ["429", "500", "503", "drop", "garbled", "truncated_json", "timeout"])
@@ -50,7 +60,9 @@ def test_transient_faults_are_retried_until_success(server, tmp_path, kind):
 def test_retry_after_is_honoured(server, tmp_path):
     import time
 
-    server.set_faults([{"kind": "429", "match": "*", "times": 1, "per_fingerprint": True, "retry_after_s": 0.6}])
+    server.set_faults(
+        [{"kind": "429", "match": "*", "times": 1, "per_fingerprint": True, "retry_after_s": 0.6}]
+    )
     started = time.monotonic()
     out = engine_for(tmp_path).run([req(0)], backend=backend_for(server))
     assert out[0].ok
@@ -132,8 +144,12 @@ def test_missing_key_and_auth_failure_are_clear_errors_without_the_secret(server
     with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
         make_backend("openai:gpt-4o", image_loader=lambda s: b"")
     server.set_faults([])
-    backend = make_backend("openai:viscon-test-llm", image_loader=lambda s: b"",
-                           base_url=server.url + "/nope/v1", api_key="sk-very-secret-999")
+    backend = make_backend(
+        "openai:viscon-test-llm",
+        image_loader=lambda s: b"",
+        base_url=server.url + "/nope/v1",
+        api_key="sk-very-secret-999",
+    )
     with pytest.raises(ConfigError) as info:
         engine_for(tmp_path).run([req(0)], backend=backend)
     assert "sk-very-secret-999" not in str(info.value)

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from viscon_hub.engine import Engine, EngineConfig, GenerationCache, Request, make_backend
-from viscon_hub.tokens import DEFAULT_TOKENIZER
+from viscon_hub.prepare.tokens import DEFAULT_TOKENIZER
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -21,8 +21,13 @@ def tiny_llama(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=512,
+        vocab_size=32000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
     )
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     tok = transformers.PreTrainedTokenizerFast(
@@ -37,12 +42,23 @@ def qa_request(text, seed=None):
     sampling = {"temperature": 0.0, "max_tokens": 8}
     if seed is not None:
         sampling["seed"] = seed
-    return Request.create(stage="qa_freeform", model="tiny", template_id="qa_freeform", template_version=1,
-                          messages=[{"role": "user", "content": text}], sampling=sampling)
+    return Request.create(
+        stage="qa_freeform",
+        model="tiny",
+        template_id="qa_freeform",
+        template_version=1,
+        messages=[{"role": "user", "content": text}],
+        sampling=sampling,
+    )
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+    ),
+]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -64,9 +80,18 @@ def test_transformers_backend_generates_and_engine_caches(tiny_llama, tmp_path, 
 
 def test_text_only_model_refuses_images_permanently(tiny_llama, tmp_path):
     backend = make_backend(f"transformers:{tiny_llama}", image_loader=lambda sha: b"", device="cpu")
-    req = Request.create(stage="caption_contextual", model="tiny", template_id="c", template_version=1,
-                         messages=[{"role": "user", "content": [{"type": "image", "sha256": "a" * 64},
-                                                                {"type": "text", "text": "describe"}]}],
-                         sampling={"max_tokens": 4})
+    req = Request.create(
+        stage="caption_contextual",
+        model="tiny",
+        template_id="c",
+        template_version=1,
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "image", "sha256": "a" * 64}, {"type": "text", "text": "describe"}],
+            }
+        ],
+        sampling={"max_tokens": 4},
+    )
     out = Engine(cache=GenerationCache(tmp_path)).run([req], backend=backend)[0]
     assert out.error_kind == "permanent" and "text-only" in out.error

@@ -19,11 +19,18 @@ pytestmark = [
 
 def test_vllm_backend_batches_through_the_engine(tmp_path):
     python = os.environ.get("VISCON_VLLM_PYTHON", sys.executable)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_TARGET_DEVICE": os.environ.get("VLLM_TARGET_DEVICE", "")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "VLLM_TARGET_DEVICE": os.environ.get("VLLM_TARGET_DEVICE", ""),
+    }
     env = {k: v for k, v in env.items() if v != ""}
     result = subprocess.run(
         [python, str(Path(__file__).parent / "vllm_run.py"), str(tmp_path / "tiny"), str(tmp_path / "cache")],
-        capture_output=True, text=True, env=env, timeout=900,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     # vLLM logs to stdout too: the summary is the line that starts with {"ok".

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 from viscon_hub.engine import EngineConfig, GenerationCache
 from viscon_hub.generate.handwritten import BUNDLED_CACHE, HANDWRITTEN, MODEL, SPEC
 from viscon_hub.generate.stages import GenerateConfig, generate
-from viscon_hub.prepare import PrepareConfig, prepare
+from viscon_hub.prepare.driver import PrepareConfig, prepare
 
 
 def test_bundled_cache_is_current_and_covers_the_sample(tmp_path):

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from servers.openai_server import OpenAITestServer
 
+from tests.servers.openai_server import OpenAITestServer
 from viscon_hub.engine import EngineConfig
 from viscon_hub.errors import ConfigError
 from viscon_hub.generate.stages import GenerateConfig, generate
-from viscon_hub.prepare import PrepareConfig, prepare
+from viscon_hub.prepare.driver import PrepareConfig, prepare
 
 pytest.importorskip("openai")
 SERVER_SCRIPT = Path(__file__).parents[1] / "servers" / "openai_server.py"

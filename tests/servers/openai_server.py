@@ -32,7 +32,7 @@ Rules are tried in order; the first one that matches and is not used up decides 
 In process, for pytest (a background thread with its own event loop)::
 
     import openai
-    from servers.openai_server import OpenAITestServer  # tests/ is on sys.path under pytest
+    from tests.servers.openai_server import OpenAITestServer
 
     with OpenAITestServer(faults=[{"kind": "429", "retry_after_s": 0.2}]) as server:
         client = openai.AsyncOpenAI(base_url=server.base_url, api_key="test-key", max_retries=0,

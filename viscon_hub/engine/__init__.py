@@ -1,10 +1,10 @@
 """The generation engine: every model call, cached by content, resumable, on any backend."""
 
-from .backends import Backend, BackendError, make_backend, parse_spec
-from .cache import GenerationCache
-from .engine import Engine, EngineConfig, RunReport
-from .prices import PriceTable
-from .request import Completion, Request
+from viscon_hub.engine.backends import Backend, BackendError, make_backend, parse_spec
+from viscon_hub.engine.cache import GenerationCache
+from viscon_hub.engine.engine import Engine, EngineConfig, RunReport
+from viscon_hub.engine.prices import PriceTable
+from viscon_hub.engine.request import Completion, Request
 
 __all__ = [
     "Backend",

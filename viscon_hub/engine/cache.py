@@ -36,8 +36,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..fsutil import is_local
-from .request import Completion
+from viscon_hub.engine.request import Completion
+from viscon_hub.fsutil import is_local
 
 logger = logging.getLogger(__name__)
 

@@ -24,11 +24,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from ..errors import ConfigError
-from .backends.base import Backend, BackendError
-from .cache import GenerationCache
-from .prices import PriceTable
-from .request import Completion, Request
+from viscon_hub.engine.backends.base import Backend, BackendError
+from viscon_hub.engine.cache import GenerationCache
+from viscon_hub.engine.prices import PriceTable
+from viscon_hub.engine.request import Completion, Request
+from viscon_hub.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

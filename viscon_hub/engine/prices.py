@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import ConfigError
-from ..resources import config_path
+from viscon_hub.errors import ConfigError
+from viscon_hub.resources import config_path
 
 
 class PriceTable:

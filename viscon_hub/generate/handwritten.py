@@ -16,10 +16,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..engine import Completion, GenerationCache
-from ..prepare import PrepareConfig, prepare
-from .prompts import load_template
-from .stages import CAPTION_TEMPLATES, _Stage, caption_messages, read_contexts
+from viscon_hub.engine import Completion, GenerationCache
+from viscon_hub.generate.prompts import load_template
+from viscon_hub.generate.stages import CAPTION_TEMPLATES, _Stage, caption_messages, read_contexts
+from viscon_hub.prepare.driver import PrepareConfig, prepare
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 HANDWRITTEN = DATA / "handwritten" / "sample_generations.jsonl"

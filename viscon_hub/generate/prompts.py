@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
-from ..records import ImageContext
+from viscon_hub.errors import ConfigError
+from viscon_hub.records import ImageContext
 
 STAGE_FIELDS: dict[str, frozenset[str]] = {
     "caption_contextual": frozenset({"page_url", "alt_text", "context"}),

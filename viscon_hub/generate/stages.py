@@ -20,15 +20,23 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .. import __version__
-from ..engine import Engine, EngineConfig, GenerationCache, Request, RunReport, make_backend, parse_spec
-from ..engine.engine import OFFLINE_MISS
-from ..errors import ConfigError
-from ..fsutil import is_local
-from ..images import ImageStore
-from ..records import IMAGE_CONTEXT_SCHEMA, ImageContext
-from .parsers import parse_freeform, parse_multiple_choice
-from .prompts import PromptTemplate, context_fields, load_template
+from viscon_hub import __version__
+from viscon_hub.engine import (
+    Engine,
+    EngineConfig,
+    GenerationCache,
+    Request,
+    RunReport,
+    make_backend,
+    parse_spec,
+)
+from viscon_hub.engine.engine import OFFLINE_MISS
+from viscon_hub.errors import ConfigError
+from viscon_hub.fsutil import is_local
+from viscon_hub.generate.parsers import parse_freeform, parse_multiple_choice
+from viscon_hub.generate.prompts import PromptTemplate, context_fields, load_template
+from viscon_hub.prepare.images import ImageStore
+from viscon_hub.records import IMAGE_CONTEXT_SCHEMA, ImageContext
 
 logger = logging.getLogger(__name__)
 

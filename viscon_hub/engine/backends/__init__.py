@@ -1,6 +1,6 @@
 """Backends behind one small protocol: ``openai:MODEL``, ``vllm:MODEL``, ``transformers:MODEL``, and
 ``sentence-transformers:MODEL`` for the question embeddings of the dedup."""
 
-from .base import Backend, BackendError, make_backend, parse_spec
+from viscon_hub.engine.backends.base import Backend, BackendError, make_backend, parse_spec
 
 __all__ = ["Backend", "BackendError", "make_backend", "parse_spec"]

@@ -15,8 +15,8 @@ import base64
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ...errors import ConfigError, MissingDependencyError
-from ..request import Completion, Request
+from viscon_hub.engine.request import Completion, Request
+from viscon_hub.errors import ConfigError, MissingDependencyError
 
 BACKENDS = ("openai", "vllm", "transformers", "sentence-transformers")
 ImageLoader = Callable[[str], bytes]
@@ -109,20 +109,20 @@ def make_backend(
     """Build the backend a spec names; heavy backends are imported only here, with an install hint."""
     kind, model = parse_spec(spec)
     if kind == "openai":
-        from .openai_backend import OpenAIBackend
+        from viscon_hub.engine.backends.openai_backend import OpenAIBackend
 
         return OpenAIBackend(
             model, image_loader=image_loader, base_url=base_url, api_key=api_key, timeout_s=timeout_s
         )
     if kind == "vllm":
-        from .vllm_backend import VLLMBackend
+        from viscon_hub.engine.backends.vllm_backend import VLLMBackend
 
         return VLLMBackend(model, image_loader=image_loader, **options)
     if kind == "sentence-transformers":
-        from .embed_backend import SentenceTransformersBackend
+        from viscon_hub.engine.backends.embed_backend import SentenceTransformersBackend
 
         return SentenceTransformersBackend(model, image_loader=image_loader, **options)
-    from .transformers_backend import TransformersBackend
+    from viscon_hub.engine.backends.transformers_backend import TransformersBackend
 
     return TransformersBackend(model, image_loader=image_loader, **options)
 

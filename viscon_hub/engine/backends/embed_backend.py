@@ -30,9 +30,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ...errors import ConfigError
-from ..request import Completion, Request
-from .base import BackendError, ImageLoader, ThreadedBatchBackend, require
+from viscon_hub.engine.backends.base import BackendError, ImageLoader, ThreadedBatchBackend, require
+from viscon_hub.engine.request import Completion, Request
+from viscon_hub.errors import ConfigError
 
 EMBED_STAGE = "embed"
 EMBED_TEMPLATE = "embed"

@@ -12,9 +12,9 @@ import os
 import time
 from typing import Any
 
-from ...errors import ConfigError
-from ..request import Completion, Request
-from .base import BackendError, ImageLoader, complete_each, openai_messages, require
+from viscon_hub.engine.backends.base import BackendError, ImageLoader, complete_each, openai_messages, require
+from viscon_hub.engine.request import Completion, Request
+from viscon_hub.errors import ConfigError
 
 _PERMANENT_STATUS = {400, 413, 422}
 _FATAL_STATUS = {401, 403, 404}

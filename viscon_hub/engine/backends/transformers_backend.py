@@ -10,8 +10,8 @@ import io
 import time
 from typing import Any
 
-from ..request import Completion, Request
-from .base import BackendError, ImageLoader, complete_each, require
+from viscon_hub.engine.backends.base import BackendError, ImageLoader, complete_each, require
+from viscon_hub.engine.request import Completion, Request
 
 
 class TransformersBackend:

@@ -9,8 +9,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..request import Completion, Request
-from .base import BackendError, ImageLoader, ThreadedBatchBackend, openai_messages, require
+from viscon_hub.engine.backends.base import (
+    BackendError,
+    ImageLoader,
+    ThreadedBatchBackend,
+    openai_messages,
+    require,
+)
+from viscon_hub.engine.request import Completion, Request
 
 
 class VLLMBackend(ThreadedBatchBackend):

@@ -1,0 +1,27 @@
+"""Phase 1, prepare: read OBELICS-shaped documents, filter them and extract one context per image.
+
+``readers`` -> ``validate`` -> ``tokens`` -> ``contexts`` -> ``images``, driven by ``driver.prepare``.
+The public entry points are loaded on first use, so importing a sub-module (``prepare.images.store``
+from a later phase) does not pull in the whole phase.
+
+>>> from viscon_hub.prepare import PrepareConfig
+>>> PrepareConfig().max_tokens
+2000
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from viscon_hub.prepare.driver import PrepareConfig, PrepareStats, prepare
+
+__all__ = ["PrepareConfig", "PrepareStats", "prepare"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from viscon_hub.prepare import driver
+
+        return getattr(driver, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,370 @@
+"""The prepare stage: OBELICS-shaped documents in, image contexts (Parquet) and stats out.
+
+read -> validate -> token filter -> context extraction -> image acquisition -> Parquet, one bounded
+batch at a time, so memory stays flat however large the corpus.
+
+>>> import tempfile
+>>> out = tempfile.mkdtemp()
+>>> stats = prepare(PrepareConfig(output=out, limit=3, fetch_images=False))
+>>> stats.documents_read
+3
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from viscon_hub import __version__
+from viscon_hub.errors import ConfigError
+from viscon_hub.fsutil import is_local
+from viscon_hub.prepare.contexts import extract_contexts
+from viscon_hub.prepare.images import FetchPolicy, ImageStore, acquire_images_sync
+from viscon_hub.prepare.readers import RawRow, read_rows, resolve_source
+from viscon_hub.prepare.tokens import TokenCounter
+from viscon_hub.prepare.validate import parse_row
+from viscon_hub.records import IMAGE_CONTEXT_SCHEMA, Document, ImageContext, ImageSource
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrepareConfig:
+    """Everything ``viscon prepare`` takes; the CLI flags and a YAML recipe fill the same fields."""
+
+    source: str | None = None
+    output: str = "viscon-contexts"
+    limit: int | None = None
+    max_tokens: int = 2000
+    tokenizer: str | None = None
+    num_shards: int = 1
+    shard_index: int = 0
+    max_images_per_document: int | None = None
+    fetch_images: bool = True
+    image_store: str | None = None
+    fetch: FetchPolicy = field(default_factory=FetchPolicy)
+    batch_size: int = 256
+    split: str = "train"
+    dataset_config: str | None = None
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ConfigError(f"--max-tokens must be >= 1; got {self.max_tokens}")
+        if self.limit is not None and self.limit < 0:
+            raise ConfigError(f"--limit must be >= 0; got {self.limit}")
+        if self.num_shards < 1:
+            raise ConfigError(f"--num-shards must be >= 1; got {self.num_shards}")
+        if not 0 <= self.shard_index < self.num_shards:
+            raise ConfigError(
+                f"--shard-index must be in [0, {self.num_shards - 1}] for --num-shards {self.num_shards}; "
+                f"got {self.shard_index}"
+            )
+        if self.max_images_per_document is not None and self.max_images_per_document < 1:
+            raise ConfigError(f"--max-images-per-document must be >= 1; got {self.max_images_per_document}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1; got {self.batch_size}")
+        if not self.output:
+            raise ConfigError("--output must name a folder")
+
+    @property
+    def store_url(self) -> str:
+        return self.image_store or self.output.rstrip("/") + "/images"
+
+    @property
+    def shard_name(self) -> str:
+        return f"{self.shard_index:05d}-of-{self.num_shards:05d}"
+
+    @classmethod
+    def from_recipe(cls, path: str | os.PathLike[str], **overrides: Any) -> PrepareConfig:
+        """Load a YAML recipe (keys are this class's fields; ``fetch`` a mapping), then apply overrides."""
+        import yaml
+
+        with open(path, encoding="utf-8") as f:
+            recipe = yaml.safe_load(f) or {}
+        if not isinstance(recipe, dict):
+            raise ConfigError(
+                f"recipe {path} must be a mapping of option to value; got {type(recipe).__name__}"
+            )
+        recipe = recipe.get("prepare", recipe)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(recipe) - known)
+        if unknown:
+            raise ConfigError(f"recipe {path}: unknown option(s) {unknown}; known: {sorted(known)}")
+        fetch = recipe.pop("fetch", None) or {}
+        if isinstance(fetch, dict):
+            fetch_known = {f.name for f in fields(FetchPolicy)}
+            bad = sorted(set(fetch) - fetch_known)
+            if bad:
+                raise ConfigError(
+                    f"recipe {path}: unknown fetch option(s) {bad}; known: {sorted(fetch_known)}"
+                )
+            fetch = FetchPolicy(**{k: tuple(v) if isinstance(v, list) else v for k, v in fetch.items()})
+        merged = {**recipe, **{k: v for k, v in overrides.items() if v is not None}}
+        if "fetch" in overrides and overrides["fetch"] is not None:
+            fetch = overrides["fetch"]
+        merged["fetch"] = fetch
+        return cls(**merged)
+
+
+@dataclass(slots=True)
+class PrepareStats:
+    """Counts of one prepare run; ``dropped`` maps a reason to how many rows or images it removed."""
+
+    documents_read: int = 0
+    documents_valid: int = 0
+    documents_kept: int = 0
+    images_seen: int = 0
+    images_capped: int = 0
+    images_kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    text_tokens_kept: int = 0
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] += n
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dropped"] = dict(sorted(self.dropped.items()))
+        return d
+
+    @classmethod
+    def merge(cls, parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
+        total = cls()
+        for part in parts:
+            for f in fields(cls):
+                if f.name == "dropped":
+                    total.dropped.update(part.get("dropped", {}))
+                else:
+                    setattr(total, f.name, getattr(total, f.name) + int(part.get(f.name, 0)))
+        return total.to_dict()
+
+
+def prepare(config: PrepareConfig, *, progress: Callable[[int], None] | None = None) -> PrepareStats:
+    """Run the prepare stage; write ``contexts/part-*.parquet``, ``drops/`` and ``stats.json`` under the output."""
+    started = time.monotonic()
+    spec = resolve_source(
+        config.source, split=config.split, config=config.dataset_config, revision=config.revision
+    )
+    counter = TokenCounter(config.tokenizer)
+    store = ImageStore(config.store_url) if config.fetch_images else None
+    stats = PrepareStats()
+    out = _Output(config)
+    try:
+        rows = read_rows(
+            config.source,
+            limit=config.limit,
+            num_shards=config.num_shards,
+            shard_index=config.shard_index,
+            split=config.split,
+            config=config.dataset_config,
+            revision=config.revision,
+        )
+        for batch in _batched(rows, config.batch_size):
+            contexts = process_batch(batch, config=config, counter=counter, stats=stats, drops=out.drops)
+            if store is not None:
+                contexts = _attach_images(contexts, config=config, store=store, stats=stats, drops=out.drops)
+            stats.images_kept += len(contexts)
+            out.write(contexts)
+            if progress is not None:
+                progress(len(batch))
+        out.commit()
+    finally:
+        out.close()
+    summary = {
+        **stats.to_dict(),
+        "shard": config.shard_name,
+        "source": spec.location if spec.kind == "hub" else (config.source or "sample"),
+        "tokenizer": counter.spec,
+        "max_tokens": config.max_tokens,
+        "image_store": config.store_url if store is not None else None,
+        "viscon_hub_version": __version__,
+        "elapsed_s": round(time.monotonic() - started, 3),
+    }
+    _write_stats(config, summary)
+    logger.info("prepare: %s", json.dumps(stats.to_dict()))
+    return stats
+
+
+def process_batch(
+    batch: list[RawRow],
+    *,
+    config: PrepareConfig,
+    counter: TokenCounter,
+    stats: PrepareStats,
+    drops: _DropLog | None = None,
+) -> list[ImageContext]:
+    """Validate, token-filter and extract contexts for one batch of raw rows (no image I/O)."""
+    docs: list[Document] = []
+    for raw in batch:
+        stats.documents_read += 1
+        doc, reason = parse_row(raw)
+        if reason is not None:
+            stats.drop(reason)
+            if drops is not None:
+                drops.add(source=raw.source, row=raw.row, reason=reason, detail=raw.error)
+            continue
+        docs.append(doc)
+    stats.documents_valid += len(docs)
+
+    texts = [d.text for d in docs]
+    to_count = [i for i, t in enumerate(texts) if not counter.surely_over(t, config.max_tokens)]
+    counts = dict(zip(to_count, counter.count([texts[i] for i in to_count])))
+    contexts: list[ImageContext] = []
+    for i, doc in enumerate(docs):
+        n = counts.get(i)
+        if n is None or n > config.max_tokens:
+            stats.drop("too_many_tokens")
+            if drops is not None:
+                drops.add(
+                    source=doc.source, row=doc.row, reason="too_many_tokens", document_id=doc.id, detail=n
+                )
+            continue
+        doc.text_tokens = n
+        stats.documents_kept += 1
+        stats.text_tokens_kept += n
+        doc_contexts = extract_contexts(doc, max_images=config.max_images_per_document)
+        n_images = len(doc.image_positions)
+        stats.images_seen += n_images
+        if len(doc_contexts) < n_images:
+            stats.images_capped += n_images - len(doc_contexts)
+            stats.drop("image_over_document_cap", n_images - len(doc_contexts))
+        contexts.extend(doc_contexts)
+    return contexts
+
+
+def _attach_images(
+    contexts: list[ImageContext],
+    *,
+    config: PrepareConfig,
+    store: ImageStore,
+    stats: PrepareStats,
+    drops: _DropLog,
+) -> list[ImageContext]:
+    sources = [ImageSource(url=c.image_url, path=c.image_path, data=c.image_bytes) for c in contexts]
+    results = acquire_images_sync(sources, policy=config.fetch, store=store)
+    kept = []
+    for ctx, result in zip(contexts, results):
+        if result.status != "ok":
+            reason = f"image_{result.reason}"
+            stats.drop(reason)
+            drops.add(
+                source=ctx.source,
+                row=ctx.row,
+                reason=reason,
+                document_id=ctx.document_id,
+                image_index=ctx.image_index,
+                detail=result.error,
+            )
+            continue
+        ctx.image_sha256 = result.sha256
+        ctx.width, ctx.height, ctx.image_format = result.width, result.height, result.format
+        ctx.image_bytes = None  # the bytes live in the content-addressed store, keyed by image_sha256
+        kept.append(ctx)
+    return kept
+
+
+class _DropLog:
+    """Dropped rows and images, one JSON line each, so a drop is never just a number."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._f = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by _Output.close
+
+    def add(self, **entry: Any) -> None:
+        entry = {k: v for k, v in entry.items() if v is not None}
+        self._f.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class _Output:
+    """Writes one shard's Parquet and drop log to a local staging folder; ``commit`` publishes them."""
+
+    def __init__(self, config: PrepareConfig) -> None:
+        self.config = config
+        self.fs, self.root = fsspec.core.url_to_fs(config.output)
+        self.local = is_local(self.fs)
+        if self.local:
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+        # Staged beside the target so that the final rename stays on one filesystem.
+        self.staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root if self.local else None))
+        self.name = f"part-{config.shard_name}.parquet"
+        self.parquet_path = self.staging / self.name
+        self.writer = pq.ParquetWriter(self.parquet_path, IMAGE_CONTEXT_SCHEMA, compression="zstd")
+        self.drops = _DropLog(self.staging / f"drops-{config.shard_name}.jsonl")
+        self._closed = False
+
+    def write(self, contexts: list[ImageContext]) -> None:
+        if contexts:
+            table = pa.Table.from_pylist([c.to_row() for c in contexts], schema=IMAGE_CONTEXT_SCHEMA)
+            self.writer.write_table(table)
+
+    def commit(self) -> None:
+        self.writer.close()
+        self.drops.close()
+        self._closed = True
+        targets = {
+            self.parquet_path: f"{self.root}/contexts/{self.name}",
+            self.drops.path: f"{self.root}/drops/{self.drops.path.name}",
+        }
+        for local, target in targets.items():
+            self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            if self.local:
+                os.replace(local, target)  # atomic: a reader never sees half a shard
+            else:
+                self.fs.put_file(str(local), target)
+
+    def close(self) -> None:
+        if not self._closed:
+            self.writer.close()
+            self.drops.close()
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _write_stats(config: PrepareConfig, summary: dict[str, Any]) -> None:
+    fs, root = fsspec.core.url_to_fs(config.output)
+    fs.makedirs(f"{root}/stats", exist_ok=True)
+    with fs.open(f"{root}/stats/shard-{config.shard_name}.json", "w") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+    # Any shard may finish last; merging every shard file present is idempotent, so each one rewrites it.
+    parts = []
+    for path in sorted(fs.glob(f"{root}/stats/shard-*-of-{config.num_shards:05d}.json")):
+        with fs.open(path, "r") as f:
+            parts.append(json.load(f))
+    merged = PrepareStats.merge(parts)
+    merged.update(
+        {
+            "shards_done": len(parts),
+            "num_shards": config.num_shards,
+            "source": summary["source"],
+            "tokenizer": summary["tokenizer"],
+            "max_tokens": summary["max_tokens"],
+            "image_store": summary["image_store"],
+            "viscon_hub_version": __version__,
+        }
+    )
+    with fs.open(f"{root}/stats.json", "w") as f:
+        json.dump(merged, f, indent=2, sort_keys=True)
+
+
+def _batched(rows: Iterable[RawRow], size: int) -> Iterator[list[RawRow]]:
+    it = iter(rows)
+    while batch := list(islice(it, size)):
+        yield batch

@@ -1,0 +1,1 @@
+"""Phase 4, publish: statistics and plots, the dataset card, trainer exports and the Hub."""

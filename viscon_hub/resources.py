@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 _PACKAGE = Path(__file__).parent
 PACKAGE_DATA = _PACKAGE / "data"
@@ -22,3 +25,19 @@ def configs_dir() -> Path | None:
 def config_path(name: str) -> Path | None:
     root = configs_dir()
     return root / name if root is not None else None
+
+
+def lazy_attributes(package: str, module: str, names: Iterable[str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` that loads ``names`` from ``package.module`` on first use.
+
+    A phase package re-exports its entry points this way, so importing one of its sub-modules from a
+    later phase does not import the whole phase.
+    """
+    wanted = frozenset(names)
+
+    def __getattr__(name: str) -> Any:
+        if name in wanted:
+            return getattr(importlib.import_module(f"{package}.{module}"), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__

@@ -11,8 +11,8 @@ from viscon_hub.build.layout import (
     parse_configs,
     split_score,
 )
-from viscon_hub.errors import ConfigError
 from viscon_hub.build.merge import ConversationStyle, mix_rows, per_image_row, public_source, qa_rounds
+from viscon_hub.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

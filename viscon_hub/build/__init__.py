@@ -9,15 +9,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from viscon_hub.resources import lazy_attributes
+
 if TYPE_CHECKING:
     from viscon_hub.build.driver import BuildConfig, BuildReport, build
 
 __all__ = ["BuildConfig", "BuildReport", "build"]
-
-
-def __getattr__(name: str):
-    if name in __all__:
-        from viscon_hub.build import driver
-
-        return getattr(driver, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, "driver", __all__)

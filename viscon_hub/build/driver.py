@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from viscon_hub import __version__
+from viscon_hub.build.dedup import DedupConfig, dedup_questions
 from viscon_hub.build.layout import (
     ALL_CONFIGS,
     BUILD_INFO,
@@ -41,11 +42,10 @@ from viscon_hub.build.layout import (
     split_score,
     write_minimal_readme,
 )
-from viscon_hub.build.dedup import DedupConfig, dedup_questions
+from viscon_hub.build.merge import ConversationStyle, mix_rows, per_image_row, public_source, rounds_of
 from viscon_hub.engine import EngineConfig, GenerationCache
 from viscon_hub.errors import ConfigError
 from viscon_hub.prepare.images import ImageStore
-from viscon_hub.build.merge import ConversationStyle, mix_rows, per_image_row, public_source, rounds_of
 
 logger = logging.getLogger(__name__)
 

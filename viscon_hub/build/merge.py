@@ -27,10 +27,9 @@ from typing import Any
 
 import yaml
 
-from viscon_hub.resources import PACKAGE_DATA
 from viscon_hub.build.layout import MIXES
 from viscon_hub.errors import ConfigError
-from viscon_hub.resources import config_path
+from viscon_hub.resources import PACKAGE_DATA, config_path
 
 LETTERS = ("A", "B", "C", "D")
 

@@ -13,15 +13,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from viscon_hub.resources import lazy_attributes
+
 if TYPE_CHECKING:
     from viscon_hub.prepare.driver import PrepareConfig, PrepareStats, prepare
 
 __all__ = ["PrepareConfig", "PrepareStats", "prepare"]
-
-
-def __getattr__(name: str):
-    if name in __all__:
-        from viscon_hub.prepare import driver
-
-        return getattr(driver, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, "driver", __all__)

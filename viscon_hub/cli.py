@@ -489,7 +489,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(summary["plan"], indent=2))
         return 0
-    if "files_written" in summary["batch"]:
+    if "batch_files" in summary["batch"]:
         print(json.dumps({"batch": summary["batch"]}, indent=2))
         return 0
     engine = summary["engine"]

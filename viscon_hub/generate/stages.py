@@ -260,27 +260,28 @@ def generate(
         return backends[spec]
 
     records: list[dict[str, Any]] = []
-    files_only = False
+    batch_files: list[str] = []
     try:
         for mode in config.modes:
-            records.extend(
-                _run_mode(
-                    mode,
-                    contexts,
-                    config=config,
-                    engine=engine,
-                    caption_stage=caption_stages[mode],
-                    ff_stage=ff_stage,
-                    mc_stage=mc_stage,
-                    backend=backend,
-                    stats=stats,
-                    progress=progress,
+            try:
+                records.extend(
+                    _run_mode(
+                        mode,
+                        contexts,
+                        config=config,
+                        engine=engine,
+                        caption_stage=caption_stages[mode],
+                        ff_stage=ff_stage,
+                        mc_stage=mc_stage,
+                        backend=backend,
+                        stats=stats,
+                        progress=progress,
+                    )
                 )
-            )
-    except BatchFilesWritten as e:
-        # --batch-file-only: the first stage with requests to send wrote them; nothing more runs.
-        stats.batch["files_written"] = e.paths
-        files_only = True
+            except BatchFilesWritten as e:
+                # --batch-file-only: a stage with requests to send wrote them, and this mode stops
+                # there (Q&A needs its captions); the other mode may still write its own.
+                batch_files.extend(e.paths)
     finally:
         cache.close()
         for b in backends.values():
@@ -292,7 +293,9 @@ def generate(
         stats.engine["unpriced_models"] = sorted(engine.prices.unpriced)
     if config.dry_run:
         stats.plan["total"] = _plan_total(stats.plan)
-    elif not files_only:
+    elif batch_files:
+        stats.batch["batch_files"] = batch_files
+    else:
         _write_outputs(config, records, stats, started, image_store=store_url)
     return stats
 
@@ -392,22 +395,28 @@ def _run_mode(
         with_caption.append(rec)
 
     qa_backend = backend(config.qa_model)
+    batch_files: list[str] = []
     for stage, kind, parser in (
         (ff_stage, "qa_freeform", parse_freeform),
         (mc_stage, "qa_multiple_choice", parse_multiple_choice),
     ):
-        _qa(
-            with_caption,
-            stage=stage,
-            kind=kind,
-            parser=parser,
-            config=config,
-            engine=engine,
-            backend=qa_backend,
-            stats=stats,
-            progress=progress,
-            mode=mode,
-        )
+        try:
+            _qa(
+                with_caption,
+                stage=stage,
+                kind=kind,
+                parser=parser,
+                config=config,
+                engine=engine,
+                backend=qa_backend,
+                stats=stats,
+                progress=progress,
+                mode=mode,
+            )
+        except BatchFilesWritten as e:
+            batch_files.extend(e.paths)  # both Q&A kinds get their files before the run stops
+    if batch_files:
+        raise BatchFilesWritten(batch_files)
     for rec in with_caption:
         if rec["status"] == "pending":
             rec["status"] = "ok"

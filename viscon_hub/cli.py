@@ -255,7 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--dataset", required=True, help="a folder written by `viscon build`")
     e.add_argument("--config", default="leaky", help="config to export (default leaky)")
-    e.add_argument("--format", required=True, choices=["llava", "idefics", "messages", "llamafactory"])
+    e.add_argument(
+        "--format",
+        required=True,
+        choices=["llava", "idefics", "messages", "llamafactory", "captioner"],
+        help="captioner: caption-prompt -> caption rows of a per-image config (--config contextual), for SFT",
+    )
     e.add_argument("--output", required=True, help="folder to write the export into")
     e.add_argument("--split", default=None, help="one split only (default: every split)")
     e.set_defaults(func=_cmd_export)

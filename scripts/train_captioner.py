@@ -42,6 +42,26 @@ def load_data(folder: str | Path):
     return load_dataset("parquet", data_files=files)
 
 
+def check_image_token(processor, rows) -> None:
+    """Refuse a model whose image token is spelled like the page-text markers (``<image>``).
+
+    The prompt must stay exactly what `viscon generate` sends, and its page text marks images with
+    ``<image>`` / ``<another-image>``; a processor that reads ``<image>`` as its own image token would
+    count one image per marker, here and when serving.
+    """
+    token = getattr(processor, "image_token", None)
+    if not token:
+        return
+    for row in rows.select_columns(["messages"]):
+        for m in row["messages"]:
+            for block in m["content"]:
+                if block.get("type") == "text" and token in (block.get("text") or ""):
+                    raise SystemExit(
+                        f"this model's image token {token!r} occurs in the caption prompt's page text; "
+                        "choose a model whose image token differs (e.g. Qwen2-VL: '<|image_pad|>')"
+                    )
+
+
 def train(recipe: dict[str, Any], *, model=None, processor=None, **overrides: Any):
     """Run SFT; ``model`` / ``processor`` default to ``recipe["model"]`` from the Hub or a local folder."""
     from trl import SFTConfig, SFTTrainer
@@ -56,6 +76,7 @@ def train(recipe: dict[str, Any], *, model=None, processor=None, **overrides: An
             if "vision_tower" in name or "vision_model" in name:
                 param.requires_grad_(False)
     data = load_data(recipe["data"])
+    check_image_token(processor, data["train"])
     test = data["test"] if "test" in data and len(data["test"]) else None
     config = SFTConfig(**{**recipe.get("sft", {}), **overrides})
     trainer = SFTTrainer(

@@ -218,3 +218,20 @@ def test_trl_sft_two_steps_with_the_recipe(exported, tmp_path):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 2 and all(loss == loss for loss in losses)
     assert (tmp_path / "run" / "config.json").is_file()
+
+
+def test_recipe_refuses_a_model_that_reads_the_markers_as_images(exported):
+    from types import SimpleNamespace
+
+    from datasets import load_dataset
+
+    spec = importlib.util.spec_from_file_location("train_captioner", ROOT / "scripts" / "train_captioner.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out, _ = exported
+    rows = load_dataset(
+        "parquet", data_files={"train": str(out / captioner_data_path("contextual", "train"))}, split="train"
+    )
+    script.check_image_token(SimpleNamespace(image_token=IMAGE_TOKEN), rows)
+    with pytest.raises(SystemExit, match="image token '<image>'"):
+        script.check_image_token(SimpleNamespace(image_token="<image>"), rows)

@@ -270,13 +270,21 @@ class Engine:
         report: RunReport,
         progress: Callable[[RunReport], None] | None,
     ) -> None:
-        rpm = _TokenBucket(self.config.requests_per_minute) if self.config.requests_per_minute else None
-        tpm = _TokenBucket(self.config.tokens_per_minute) if self.config.tokens_per_minute else None
+        batch_prices = getattr(backend, "price_tier", None) == "batch"
+        # A provider's batch API has its own limits, counted by the provider, not per request here.
+        limits = not batch_prices
+        rpm = (
+            _TokenBucket(self.config.requests_per_minute)
+            if limits and self.config.requests_per_minute
+            else None
+        )
+        tpm = (
+            _TokenBucket(self.config.tokens_per_minute) if limits and self.config.tokens_per_minute else None
+        )
         batch_size = max(1, int(getattr(backend, "max_batch", 1)))
         queue: list[list[Request]] = [misses[i : i + batch_size] for i in range(0, len(misses), batch_size)]
         queue.reverse()
         workers = 1 if batch_size > 1 else min(self.config.max_concurrency, len(queue))
-        batch_prices = getattr(backend, "price_tier", None) == "batch"
         budget = self.config.max_cost_usd
         reserved = [0.0]
 

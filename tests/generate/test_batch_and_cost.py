@@ -148,3 +148,47 @@ def test_max_cost_stops_before_spending_past_it(contexts, server, tmp_path, monk
     rerun = generate(config(contexts, server, tmp_path, limit=8, engine=EngineConfig(max_concurrency=4)))
     assert rerun.engine["cache_hits"] >= stats.engine["succeeded"]
     assert server.stats()["total_requests"] - before == rerun.engine["calls"]
+
+
+def _http(url, body=None):
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    with urllib.request.urlopen(urllib.request.Request(url, data=data)) as r:
+        return json.load(r)
+
+
+def test_sigkill_mid_poll_then_resume_submits_no_new_caption_batch(contexts, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.generate.test_stages import _start_server_process
+
+    proc, url = _start_server_process(tmp_path, latency=0.0)
+    env = {**os.environ, "OPENAI_API_KEY": "sk-test"}
+    cmd = [sys.executable, "-m", "viscon_hub", "generate", "--contexts", contexts, "--limit", "5"]
+    cmd += ["--output", str(tmp_path / "gen"), "--cache", str(tmp_path / "cache"), "--no-progress"]
+    cmd += ["--caption-model", "openai-batch:viscon-test-vlm", "--qa-model", "openai-batch:viscon-test-llm"]
+    cmd += ["--base-url", url + "/v1", "--batch-poll-interval", "0.05"]
+    try:
+        _http(url + "/_batch_plan", {"hold": True})
+        client = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        while _http(url + "/_batch_stats")["batch_polls"] < 3:
+            assert client.poll() is None, client.stderr.read().decode()
+            time.sleep(0.05)
+        client.send_signal(signal.SIGKILL)
+        client.wait()
+        assert _http(url + "/_batch_stats")["batches_created"] == 1
+        _http(url + "/_batch_plan", {"hold": False})
+        resumed = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert resumed.returncode == 0, resumed.stderr
+        stats = _http(url + "/_batch_stats")
+        # The caption batch was polled to its end, not sent again; then one batch per Q&A kind.
+        assert stats["uploads"] == 3 and stats["batch_line_counts"] == [5, 5, 5]
+        assert json.loads(resumed.stdout)["records_ok"] == 5
+    finally:
+        proc.kill()
+        proc.wait()

@@ -192,3 +192,17 @@ def test_sigkill_mid_poll_then_resume_submits_no_new_caption_batch(contexts, tmp
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_dry_run_prices_batch_models_at_batch_rates(contexts, tmp_path, monkeypatch):
+    from viscon_hub.engine import PriceTable
+
+    table = {"viscon-test-vlm": (2.0, 8.0), "viscon-test-llm": (1.0, 4.0)}
+    half = {m: (p / 2, c / 2) for m, (p, c) in table.items()}
+    monkeypatch.setattr(PriceTable, "load", classmethod(lambda cls, path=None: cls(table, batch=half)))
+    online = generate(config(contexts, None, tmp_path / "o", limit=3, dry_run=True)).plan["total"]
+    batch = generate(config(contexts, None, tmp_path / "b", "openai-batch", limit=3, dry_run=True)).plan[
+        "total"
+    ]
+    assert online["to_call"] == batch["to_call"] == 9
+    assert batch["estimated_cost_usd"] == pytest.approx(online["estimated_cost_usd"] / 2, abs=2e-4)

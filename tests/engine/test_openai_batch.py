@@ -247,3 +247,14 @@ def test_parse_result_line_rejects_wrong_types():
         "bad_status_code",
     )
     assert parse_result_line(json.dumps({"custom_id": key, "response": None})) == (None, "no_response")
+
+
+def test_a_batch_that_never_ends_is_waited_out_not_resubmitted(server, tmp_path):
+    server.set_batch_plan(hold=True)
+    backend = batch_backend(server, tmp_path, max_wait_s=0.1)
+    engine = engine_for(tmp_path, max_attempts=2)
+    out = engine.run([req(i) for i in range(3)], backend=backend)
+    assert not any(c.ok for c in out) and engine.last_report.transient_errors == 3
+    # The second attempt polled the recorded batch again instead of paying for a new one.
+    assert server.batch_stats()["batches_created"] == 1 and backend.counts["batches_waited_out"] == 2
+    assert backend.counts["batches_resumed"] == 1

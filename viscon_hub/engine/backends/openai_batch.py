@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -80,6 +81,7 @@ class OpenAIBatchBackend:
         max_requests: int = MAX_REQUESTS,
         max_bytes: int = MAX_BYTES,
         poll_interval_s: float = 60.0,
+        max_wait_s: float = 26 * 3600.0,
         file_only: bool = False,
     ) -> None:
         if max_requests < 1 or max_bytes < 1024:
@@ -95,6 +97,9 @@ class OpenAIBatchBackend:
         self.max_requests = max_requests
         self.max_bytes = max_bytes
         self.poll_interval_s = poll_interval_s
+        # Past the provider's 24 h window a batch still "in progress" is a server that lies: stop
+        # waiting, keep it recorded (a later run polls it again) and report its requests unfinished.
+        self.max_wait_s = max_wait_s
         self.file_only = file_only
         self.counts: Counter[str] = Counter()
         self._online = None
@@ -252,6 +257,7 @@ class OpenAIBatchBackend:
     async def _poll(self, states: list[dict[str, Any]], wanted: dict, results: dict) -> None:
         openai = self._online._openai if self._online is not None else None
         pending = list(states)
+        started = time.monotonic()
         while pending:
             still = []
             for state in pending:
@@ -279,6 +285,12 @@ class OpenAIBatchBackend:
                     continue
                 await self._collect(state, batch, wanted, results)
             pending = still
+            if pending and time.monotonic() - started > self.max_wait_s:
+                self.counts["batches_waited_out"] += len(pending)
+                logger.warning(
+                    "%d batch(es) still unfinished after %.0f s; left recorded", len(pending), self.max_wait_s
+                )
+                return
             if pending:
                 await asyncio.sleep(self.poll_interval_s)
 

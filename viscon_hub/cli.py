@@ -69,6 +69,13 @@ def _add_generation_flags(g: argparse.ArgumentParser, *, quickstart_defaults: bo
     g.add_argument("--tpm", type=_positive_float, default=None, help="tokens per minute limit")
     g.add_argument("--max-attempts", type=_positive_int, default=5, help="attempts per request (default 5)")
     g.add_argument(
+        "--max-cost",
+        type=_positive_float,
+        default=None,
+        metavar="USD",
+        help="stop calling models before the estimated spend of this run passes USD (stored replies stay)",
+    )
+    g.add_argument(
         "--reasks",
         type=_non_negative_int,
         default=2,
@@ -85,6 +92,7 @@ def _engine_config(args: argparse.Namespace, *, offline: bool):
         tokens_per_minute=args.tpm,
         max_attempts=args.max_attempts,
         offline=offline,
+        max_cost_usd=args.max_cost,
     )
 
 
@@ -173,6 +181,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="count requests, cache hits, estimated tokens and cost; call nothing, write nothing",
     )
     g.add_argument("--no-progress", action="store_true", help="no live progress line even on a terminal")
+    g.add_argument(
+        "--batch-max-requests",
+        type=_positive_int,
+        default=50_000,
+        help="openai-batch: requests per batch file (default 50000, the provider's cap)",
+    )
+    g.add_argument(
+        "--batch-max-bytes",
+        type=_int_at_least(1024),
+        default=200 * 1024 * 1024,
+        help="openai-batch: bytes per batch file, images included (default 200 MB, the provider's cap)",
+    )
+    g.add_argument(
+        "--batch-poll-interval",
+        type=_positive_float,
+        default=60.0,
+        metavar="S",
+        help="openai-batch: seconds between polls of a running batch (default 60)",
+    )
+    g.add_argument(
+        "--batch-file-only",
+        action="store_true",
+        help="openai-batch: write the batch JSONL files under CACHE/batches/ and stop (e.g. for vllm run-batch)",
+    )
+    g.add_argument(
+        "--batch-results",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="store the replies of a batch results file (OpenAI or vllm run-batch output) first (repeatable)",
+    )
     g.set_defaults(func=_cmd_generate)
 
     b = sub.add_parser(
@@ -216,7 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--dataset", required=True, help="a folder written by `viscon build`")
     e.add_argument("--config", default="leaky", help="config to export (default leaky)")
-    e.add_argument("--format", required=True, choices=["llava", "idefics", "messages", "llamafactory"])
+    e.add_argument(
+        "--format",
+        required=True,
+        choices=["llava", "idefics", "messages", "llamafactory", "captioner"],
+        help="captioner: caption-prompt -> caption rows of a per-image config (--config contextual), for SFT",
+    )
     e.add_argument("--output", required=True, help="folder to write the export into")
     e.add_argument("--split", default=None, help="one split only (default: every split)")
     e.set_defaults(func=_cmd_export)
@@ -425,6 +469,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         limit=args.limit,
         dry_run=args.dry_run,
         engine=_engine_config(args, offline=args.offline),
+        batch_max_requests=args.batch_max_requests,
+        batch_max_bytes=args.batch_max_bytes,
+        batch_poll_interval_s=args.batch_poll_interval,
+        batch_file_only=args.batch_file_only,
+        batch_results=tuple(args.batch_results),
     )
     live = not args.no_progress and sys.stderr.isatty()
     started = time.monotonic()
@@ -445,6 +494,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(summary["plan"], indent=2))
         return 0
+    if "batch_files" in summary["batch"]:
+        print(json.dumps({"batch": summary["batch"]}, indent=2))
+        return 0
     engine = summary["engine"]
     print(
         json.dumps(
@@ -457,6 +509,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 "offline_misses": engine["offline_misses"],
                 "tokens": engine["prompt_tokens"] + engine["completion_tokens"],
                 "cost_usd": engine["cost_usd"],
+                **({"budget_stops": engine["budget_stops"]} if engine["budget_stops"] else {}),
+                **({"batch": summary["batch"]} if summary["batch"] else {}),
             }
         )
     )

@@ -407,3 +407,13 @@ def test_missing_build_info_still_makes_a_card(tmp_path):
     card = make_card(root)
     assert card.data.license == "cc-by-4.0" and card.data.source_datasets == ["HuggingFaceM4/OBELICS"]
     assert "not recorded" in str(card)
+
+
+def test_card_reports_what_the_build_cost_at_the_rates_used(tmp_path):
+    online = str(make_card(known_folder(tmp_path / "o"), repo_id="org/v"))
+    assert "What the build cost: about **$0.0345**." in online
+    batch = str(make_card(known_folder(tmp_path / "b", model="openai-batch:gpt-4o"), repo_id="org/v"))
+    # 9,000 prompt and 1,200 completion tokens at gpt-4o's Batch API rates (half the standard ones).
+    assert re.search(
+        r"What the build cost: about \*\*\$0\.017[23]\*\*\n\(Batch API rates for `gpt-4o`\)", batch
+    )

@@ -13,7 +13,9 @@ The reply is chosen from the system text and the text of the last user message:
 - else: a caption of 4-5 sentences naming the page host, a few context words and the sha256 prefix of
   each image data URL, so different images give different captions.
 
-Endpoints: ``POST /v1/chat/completions`` (no streaming), ``GET /v1/models`` and, for tests,
+Endpoints: ``POST /v1/chat/completions`` (no streaming), ``GET /v1/models``, the Files and Batch API
+(``POST /v1/files``, ``GET /v1/files/{id}/content``, ``POST /v1/batches``, ``GET /v1/batches/{id}``,
+with expiry, failed lines and lying output files: see ``BATCH_PLAN_DEFAULTS``) and, for tests,
 ``GET /_stats``, ``POST /_faults`` (body: a list of rules, or ``{"faults": [...], "latency_s": x}``)
 and ``POST /_reset`` (clears the counters and restores the start-up fault plan and latency).
 
@@ -682,6 +684,307 @@ async def _reset(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
+# -- Files and Batch API ----------------------------------------------------------------------------
+# A batch is processed on the poll that finds it ready, line by line through the same reply function
+# as /v1/chat/completions, so a batch run and an online run get identical replies. A batch plan (set
+# with OpenAITestServer.set_batch_plan or POST /_batch_plan) makes the server hold batches, expire
+# them part way, fail some lines, refuse big uploads, or lie in its output files.
+
+BATCH_PLAN_DEFAULTS: dict[str, Any] = {
+    "polls_to_finish": 1,  # GETs of a batch before it is processed
+    "hold": False,  # True: batches stay in_progress until the plan says otherwise
+    "expire_after": None,  # process only the first N lines, the rest expire (status "expired")
+    "fail_match": None,  # lines whose text contains this substring fail with status 500
+    "max_file_bytes": 200 * 1024 * 1024,  # uploads above this answer 413
+    "max_requests": 50_000,  # batches with more lines fail validation
+    "lie": None,  # "garbled": junk and unknown ids in the output; "no_output": completed, no file
+}
+BATCH_TERMINAL = ("completed", "failed", "expired", "cancelled")
+
+
+class BatchState:
+    """Uploaded files, batches and their counters; touched only from the server's event loop."""
+
+    def __init__(self) -> None:
+        self.plan = dict(BATCH_PLAN_DEFAULTS)
+        self.files: dict[str, dict[str, Any]] = {}
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.uploads = 0
+        self.upload_bytes: list[int] = []
+        self.batch_polls = 0
+        self.line_counts: list[int] = []
+
+    def set_plan(self, plan: dict[str, Any]) -> None:
+        unknown = set(plan) - set(BATCH_PLAN_DEFAULTS)
+        if unknown:
+            raise ValueError(
+                f"unknown batch plan keys {sorted(unknown)}; expected {sorted(BATCH_PLAN_DEFAULTS)}"
+            )
+        self.plan.update(plan)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "uploads": self.uploads,
+            "upload_bytes": list(self.upload_bytes),
+            "batches_created": len(self.batches),
+            "batch_line_counts": list(self.line_counts),
+            "batch_polls": self.batch_polls,
+            "batch_status": {k: b["status"] for k, b in self.batches.items()},
+            "plan": dict(self.plan),
+        }
+
+    def add_file(self, data: bytes, filename: str, purpose: str) -> dict[str, Any]:
+        file_id = f"file-{hashlib.sha256(data).hexdigest()[:16]}-{len(self.files)}"
+        obj = {
+            "id": file_id,
+            "object": "file",
+            "bytes": len(data),
+            "created_at": 0,
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+        }
+        self.files[file_id] = {"meta": obj, "data": data}
+        return obj
+
+
+BATCHES = web.AppKey("batches", BatchState)
+
+
+def _authorised(request: web.Request) -> bool:
+    return bool(_BEARER.fullmatch(request.headers.get("Authorization", "").strip()))
+
+
+def _unauthorised() -> web.Response:
+    message = "missing or malformed Authorization header: expected 'Bearer <api key>'"
+    return _error(401, message, "invalid_request_error", code="invalid_api_key")
+
+
+async def _files_create(request: web.Request) -> web.Response:
+    batches: BatchState = request.app[BATCHES]
+    if not _authorised(request):
+        return _unauthorised()
+    form = await request.post()
+    upload = form.get("file")
+    purpose = form.get("purpose")
+    if upload is None or not hasattr(upload, "file"):
+        return _error(400, "a multipart 'file' field is required", "invalid_request_error", param="file")
+    if purpose != "batch":
+        return _error(
+            400, f"purpose must be 'batch', got {purpose!r}", "invalid_request_error", param="purpose"
+        )
+    data = upload.file.read()
+    if len(data) > batches.plan["max_file_bytes"]:
+        message = f"file of {len(data)} bytes exceeds the {batches.plan['max_file_bytes']} byte limit"
+        return _error(413, message, "invalid_request_error", code="file_too_large")
+    batches.uploads += 1
+    batches.upload_bytes.append(len(data))
+    return web.json_response(batches.add_file(data, upload.filename or "upload.jsonl", purpose))
+
+
+async def _files_content(request: web.Request) -> web.Response:
+    batches: BatchState = request.app[BATCHES]
+    if not _authorised(request):
+        return _unauthorised()
+    entry = batches.files.get(request.match_info["file_id"])
+    if entry is None:
+        return _error(404, "no such file", "invalid_request_error", code="not_found")
+    return web.Response(body=entry["data"], content_type="application/octet-stream")
+
+
+async def _batches_create(request: web.Request) -> web.Response:
+    batches: BatchState = request.app[BATCHES]
+    if not _authorised(request):
+        return _unauthorised()
+    try:
+        body = json.loads(await request.read())
+    except ValueError:
+        return _error(400, "the request body is not valid JSON", "invalid_request_error")
+    if not isinstance(body, dict) or body.get("input_file_id") not in batches.files:
+        return _error(
+            400, "input_file_id names no uploaded file", "invalid_request_error", param="input_file_id"
+        )
+    if body.get("endpoint") != "/v1/chat/completions":
+        return _error(400, "only /v1/chat/completions batches", "invalid_request_error", param="endpoint")
+    data = batches.files[body["input_file_id"]]["data"]
+    lines = [line for line in data.splitlines() if line.strip()]
+    batch_id = f"batch_{len(batches.batches):04d}_{hashlib.sha256(data).hexdigest()[:12]}"
+    batch = {
+        "id": batch_id,
+        "object": "batch",
+        "endpoint": body["endpoint"],
+        "errors": None,
+        "input_file_id": body["input_file_id"],
+        "completion_window": body.get("completion_window", "24h"),
+        "status": "validating",
+        "output_file_id": None,
+        "error_file_id": None,
+        "created_at": 0,
+        "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
+        "metadata": body.get("metadata"),
+        "_polls": 0,
+    }
+    batches.line_counts.append(len(lines))
+    if len(lines) > batches.plan["max_requests"]:
+        batch["status"] = "failed"
+        batch["errors"] = {
+            "object": "list",
+            "data": [{"code": "too_many_requests", "message": f"{len(lines)} requests in one batch"}],
+        }
+    batches.batches[batch_id] = batch
+    return web.json_response(_public(batch))
+
+
+def _public(batch: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in batch.items() if not k.startswith("_")}
+
+
+async def _batches_get(request: web.Request) -> web.Response:
+    state: ServerState = request.app[STATE]
+    batches: BatchState = request.app[BATCHES]
+    if not _authorised(request):
+        return _unauthorised()
+    batch = batches.batches.get(request.match_info["batch_id"])
+    if batch is None:
+        return _error(404, "no such batch", "invalid_request_error", code="not_found")
+    batches.batch_polls += 1
+    batch["_polls"] += 1
+    if batch["status"] not in BATCH_TERMINAL:
+        if batches.plan["hold"] or batch["_polls"] < batches.plan["polls_to_finish"]:
+            batch["status"] = "in_progress"
+        else:
+            _process_batch(state, batches, batch)
+    return web.json_response(_public(batch))
+
+
+def _process_batch(state: ServerState, batches: BatchState, batch: dict[str, Any]) -> None:
+    plan = batches.plan
+    data = batches.files[batch["input_file_id"]]["data"]
+    out: list[str] = []
+    err: list[str] = []
+    expired = False
+    for n, raw in enumerate(line for line in data.splitlines() if line.strip()):
+        try:
+            item = json.loads(raw)
+            custom_id, body = item["custom_id"], item["body"]
+        except (ValueError, KeyError, TypeError):
+            err.append(
+                json.dumps(
+                    {
+                        "id": f"batch_req_{n}",
+                        "custom_id": None,
+                        "response": None,
+                        "error": {"code": "invalid_json_line", "message": "unreadable line"},
+                    }
+                )
+            )
+            continue
+        if plan["expire_after"] is not None and n >= plan["expire_after"]:
+            expired = True
+            err.append(
+                json.dumps(
+                    {
+                        "id": f"batch_req_{n}",
+                        "custom_id": custom_id,
+                        "response": None,
+                        "error": {"code": "batch_expired", "message": "the batch expired"},
+                    }
+                )
+            )
+            continue
+        try:
+            parsed = _parse_request(body)
+        except _BadRequest as e:
+            response = {
+                "status_code": 400,
+                "request_id": f"req_{n}",
+                "body": json.loads(_error_body(str(e), "invalid_request_error")),
+            }
+            err.append(
+                json.dumps(
+                    {"id": f"batch_req_{n}", "custom_id": custom_id, "response": response, "error": None}
+                )
+            )
+            continue
+        if plan["fail_match"] and plan["fail_match"] in parsed.text:
+            response = {
+                "status_code": 500,
+                "request_id": f"req_{n}",
+                "body": json.loads(_error_body("injected batch line failure", "server_error")),
+            }
+            err.append(
+                json.dumps(
+                    {"id": f"batch_req_{n}", "custom_id": custom_id, "response": response, "error": None}
+                )
+            )
+            continue
+        reply = state.reply_for(fingerprint(body), parsed)
+        response = {"status_code": 200, "request_id": f"req_{n}", "body": json.loads(reply.body)}
+        out.append(
+            json.dumps(
+                {"id": f"batch_req_{n}", "custom_id": custom_id, "response": response, "error": None},
+                ensure_ascii=False,
+            )
+        )
+    if plan["lie"] == "garbled":
+        out.insert(0, "<html>not json</html>")
+        out.append(
+            json.dumps(
+                {
+                    "id": "batch_req_x",
+                    "custom_id": "f" * 64,
+                    "response": {
+                        "status_code": 200,
+                        "body": {"choices": [{"message": {"content": "stray"}}]},
+                    },
+                    "error": None,
+                }
+            )
+        )
+        out.append(json.dumps({"id": "batch_req_z", "custom_id": "e" * 64, "response": {"status_code": 200}}))
+        out.append(json.dumps({"id": "batch_req_y", "custom_id": 7, "response": "nonsense"}))
+        if out[1:]:
+            out[1] = out[1][: len(out[1]) // 2]  # a torn line: that request stays unfinished
+    batch["request_counts"]["completed"] = len(out)
+    batch["request_counts"]["failed"] = len(err)
+    if out and plan["lie"] != "no_output":
+        batch["output_file_id"] = batches.add_file(
+            ("\n".join(out) + "\n").encode(), "output.jsonl", "batch_output"
+        )["id"]
+    if err:
+        batch["error_file_id"] = batches.add_file(
+            ("\n".join(err) + "\n").encode(), "errors.jsonl", "batch_output"
+        )["id"]
+    batch["status"] = "expired" if expired else "completed"
+
+
+async def _batch_plan(request: web.Request) -> web.Response:
+    batches: BatchState = request.app[BATCHES]
+    try:
+        raw = json.loads(await request.read() or b"{}")
+        if not isinstance(raw, dict):
+            raise ValueError("a batch plan is a JSON object")
+        batches.set_plan(raw)
+    except ValueError as e:
+        return _error(400, f"bad batch plan: {e}", "invalid_request_error")
+    return web.json_response({"ok": True, "plan": batches.plan})
+
+
+async def _batch_stats(request: web.Request) -> web.Response:
+    return web.json_response(request.app[BATCHES].stats())
+
+
+def add_batch_routes(app: web.Application) -> None:
+    """The Files and Batch API routes, and their test controls."""
+    app[BATCHES] = BatchState()
+    app.router.add_post("/v1/files", _files_create)
+    app.router.add_get("/v1/files/{file_id}/content", _files_content)
+    app.router.add_post("/v1/batches", _batches_create)
+    app.router.add_get("/v1/batches/{batch_id}", _batches_get)
+    app.router.add_post("/_batch_plan", _batch_plan)
+    app.router.add_get("/_batch_stats", _batch_stats)
+
+
 def make_app(state: ServerState) -> web.Application:
     """The aiohttp application serving ``state``."""
     app = web.Application(client_max_size=MAX_BODY_BYTES)
@@ -691,6 +994,7 @@ def make_app(state: ServerState) -> web.Application:
     app.router.add_get("/_stats", _stats)
     app.router.add_post("/_faults", _set_faults)
     app.router.add_post("/_reset", _reset)
+    add_batch_routes(app)
     return app
 
 
@@ -808,6 +1112,18 @@ class OpenAITestServer:
     def reset(self) -> None:
         """Clear the counters and restore the start-up fault plan and latency."""
         self._call(self._state.reset)
+
+    def set_batch_plan(self, **plan: Any) -> None:
+        """Change how batches behave (keys of ``BATCH_PLAN_DEFAULTS``)."""
+        self._call(self._batches().set_plan, plan)
+
+    def batch_stats(self) -> dict[str, Any]:
+        """Uploads, batches created, polls and batch statuses: the JSON of ``GET /_batch_stats``."""
+        return self._call(self._batches().stats)
+
+    def _batches(self) -> BatchState:
+        assert self._runner is not None, "OpenAITestServer is not started"
+        return self._runner.app[BATCHES]
 
     def close(self) -> None:
         if self._thread is None or self._loop is None:

@@ -33,6 +33,7 @@ from viscon_hub.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 OFFLINE_MISS = "offline: not in cache"
+BUDGET_STOP = "budget: --max-cost reached"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,6 +49,7 @@ class EngineConfig:
     retry_after_max_s: float = 300.0
     offline: bool = False
     jitter_seed: int | None = None
+    max_cost_usd: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
@@ -58,6 +60,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be > 0 when set; got {value}")
+        if self.max_cost_usd is not None and not self.max_cost_usd >= 0:
+            raise ConfigError(f"--max-cost must be a number of USD >= 0; got {self.max_cost_usd}")
         if self.backoff_base_s < 0 or self.backoff_max_s < self.backoff_base_s:
             raise ConfigError(
                 f"backoff needs 0 <= base <= max; got base={self.backoff_base_s}, max={self.backoff_max_s}"
@@ -78,14 +82,15 @@ class RunReport:
     permanent_errors: int = 0
     transient_errors: int = 0
     offline_misses: int = 0
+    budget_stops: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
     by_model: dict = field(default_factory=dict)
     elapsed_s: float = 0.0
 
-    def add_usage(self, model: str, c: Completion, prices: PriceTable) -> None:
-        cost = prices.cost(model, c.prompt_tokens, c.completion_tokens)
+    def add_usage(self, model: str, c: Completion, prices: PriceTable, *, batch: bool = False) -> None:
+        cost = prices.cost(model, c.prompt_tokens, c.completion_tokens, batch=batch)
         self.prompt_tokens += c.prompt_tokens
         self.completion_tokens += c.completion_tokens
         self.cost_usd += cost
@@ -109,6 +114,7 @@ class RunReport:
             "permanent_errors",
             "transient_errors",
             "offline_misses",
+            "budget_stops",
             "prompt_tokens",
             "completion_tokens",
             "cost_usd",
@@ -162,13 +168,16 @@ class Engine:
         self._rng = random.Random(self.config.jitter_seed)
 
     # -- planning ------------------------------------------------------------------------------
-    def plan(self, requests: Sequence[Request]) -> dict:
+    def plan(self, requests: Sequence[Request], *, batch_prices: bool = False) -> dict:
         """What running ``requests`` would do, calling nothing: counts, cache hits, tokens and cost."""
         unique = {r.key: r for r in requests}
         misses = [r for k, r in unique.items() if self.cache.get(k) is None]
         prompt = sum(r.estimated_prompt_tokens() for r in misses)
         completion = sum(r.max_tokens // 2 for r in misses)  # replies rarely use their whole budget
-        cost = sum(self.prices.cost(r.model, r.estimated_prompt_tokens(), r.max_tokens // 2) for r in misses)
+        cost = sum(
+            self.prices.cost(r.model, r.estimated_prompt_tokens(), r.max_tokens // 2, batch=batch_prices)
+            for r in misses
+        )
         return {
             "requests": len(requests),
             "unique": len(unique),
@@ -261,25 +270,69 @@ class Engine:
         report: RunReport,
         progress: Callable[[RunReport], None] | None,
     ) -> None:
-        rpm = _TokenBucket(self.config.requests_per_minute) if self.config.requests_per_minute else None
-        tpm = _TokenBucket(self.config.tokens_per_minute) if self.config.tokens_per_minute else None
+        batch_prices = getattr(backend, "price_tier", None) == "batch"
+        # A provider's batch API has its own limits, counted by the provider, not per request here.
+        limits = not batch_prices
+        rpm = (
+            _TokenBucket(self.config.requests_per_minute)
+            if limits and self.config.requests_per_minute
+            else None
+        )
+        tpm = (
+            _TokenBucket(self.config.tokens_per_minute) if limits and self.config.tokens_per_minute else None
+        )
         batch_size = max(1, int(getattr(backend, "max_batch", 1)))
         queue: list[list[Request]] = [misses[i : i + batch_size] for i in range(0, len(misses), batch_size)]
         queue.reverse()
         workers = 1 if batch_size > 1 else min(self.config.max_concurrency, len(queue))
+        budget = self.config.max_cost_usd
+        reserved = [0.0]
+
+        def within_budget(batch: list[Request]) -> tuple[list[Request], float]:
+            # Each request reserves its worst case (estimated prompt, the whole max_tokens) before it
+            # goes out, so requests in flight together cannot overshoot the budget either.
+            allowed, held = [], 0.0
+            for r in batch:
+                worst = self.prices.cost(
+                    r.model, r.estimated_prompt_tokens(), r.max_tokens, batch=batch_prices
+                )
+                if self.report.cost_usd + report.cost_usd + reserved[0] + held + worst > budget:
+                    report.budget_stops += 1
+                    results[r.key] = Completion(
+                        key=r.key,
+                        error=BUDGET_STOP,
+                        model=r.model,
+                        stage=r.stage,
+                        template_id=r.template_id,
+                        template_version=r.template_version,
+                        attempts=0,
+                    )
+                else:
+                    allowed.append(r)
+                    held += worst
+            reserved[0] += held
+            return allowed, held
 
         async def worker() -> None:
             while queue:
                 batch = queue.pop()
+                held = 0.0
+                if budget is not None:
+                    batch, held = within_budget(batch)
+                    if not batch:
+                        continue
                 for r in batch:
                     if rpm is not None:
                         await rpm.acquire(1)
                     if tpm is not None:
                         await tpm.acquire(r.estimated_prompt_tokens() + r.max_tokens)
-                if batch_size == 1:
-                    done = [await self._call_one(batch[0], backend, report)]
-                else:
-                    done = await self._call_batch(batch, backend, report)
+                try:
+                    if len(batch) == 1 and batch_size == 1:
+                        done = [await self._call_one(batch[0], backend, report, batch_prices)]
+                    else:
+                        done = await self._call_batch(batch, backend, report, batch_prices)
+                finally:
+                    reserved[0] -= held
                 for r, c in zip(batch, done, strict=True):
                     results[r.key] = c
                     if progress is not None:
@@ -303,7 +356,9 @@ class Engine:
         ceiling = min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** (attempt - 1))
         return ceiling * (0.5 + self._rng.random() / 2)
 
-    def _finish(self, r: Request, c: Completion, attempts: int, report: RunReport) -> Completion:
+    def _finish(
+        self, r: Request, c: Completion, attempts: int, report: RunReport, batch_prices: bool = False
+    ) -> Completion:
         c.key = r.key
         c.model, c.stage = r.model, r.stage
         c.template_id, c.template_version = r.template_id, r.template_version
@@ -312,7 +367,7 @@ class Engine:
         self.cache.put(c)
         if c.ok:
             report.succeeded += 1
-            report.add_usage(r.model, c, self.prices)
+            report.add_usage(r.model, c, self.prices, batch=batch_prices)
         elif c.error_kind == "permanent":
             report.permanent_errors += 1
         else:
@@ -324,7 +379,9 @@ class Engine:
             key=r.key, error=str(e), error_kind="permanent" if e.kind == "permanent" else "transient"
         )
 
-    async def _call_one(self, r: Request, backend: Backend, report: RunReport) -> Completion:
+    async def _call_one(
+        self, r: Request, backend: Backend, report: RunReport, batch_prices: bool = False
+    ) -> Completion:
         report.calls += 1
         attempt = 0
         while True:
@@ -334,16 +391,16 @@ class Engine:
                 c = await backend.complete(r)
             except BackendError as e:
                 if e.kind == "permanent" or attempt >= self.config.max_attempts:
-                    return self._finish(r, self._failure(r, e), attempt, report)
+                    return self._finish(r, self._failure(r, e), attempt, report, batch_prices)
                 report.retries += 1
                 delay = self._delay(attempt, e.retry_after)
                 logger.debug("retrying %s in %.2fs after: %s", r.key[:12], delay, e)
                 await asyncio.sleep(delay)
                 continue
-            return self._finish(r, c, attempt, report)
+            return self._finish(r, c, attempt, report, batch_prices)
 
     async def _call_batch(
-        self, batch: list[Request], backend: Backend, report: RunReport
+        self, batch: list[Request], backend: Backend, report: RunReport, batch_prices: bool = False
     ) -> list[Completion]:
         report.calls += len(batch)
         done: dict[str, Completion] = {}
@@ -357,11 +414,11 @@ class Engine:
             for r, out in zip(pending, outcomes, strict=True):
                 if isinstance(out, BackendError):
                     if out.kind == "permanent" or attempt >= self.config.max_attempts:
-                        done[r.key] = self._finish(r, self._failure(r, out), attempt, report)
+                        done[r.key] = self._finish(r, self._failure(r, out), attempt, report, batch_prices)
                     else:
                         retry.append(r)
                 else:
-                    done[r.key] = self._finish(r, out, attempt, report)
+                    done[r.key] = self._finish(r, out, attempt, report, batch_prices)
             if retry:
                 report.retries += len(retry)
                 await asyncio.sleep(self._delay(attempt, None))

@@ -30,7 +30,8 @@ from viscon_hub.engine import (
     make_backend,
     parse_spec,
 )
-from viscon_hub.engine.engine import OFFLINE_MISS
+from viscon_hub.engine.backends.openai_batch import BatchFilesWritten
+from viscon_hub.engine.engine import BUDGET_STOP, OFFLINE_MISS
 from viscon_hub.errors import ConfigError
 from viscon_hub.fsutil import is_local
 from viscon_hub.generate.parsers import parse_freeform, parse_multiple_choice
@@ -87,6 +88,12 @@ class GenerateConfig:
     max_rounds: int = 5
     limit: int | None = None
     dry_run: bool = False
+    # openai-batch backends: file limits, polling, files only, results files to ingest first
+    batch_max_requests: int = 50_000
+    batch_max_bytes: int = 200 * 1024 * 1024
+    batch_poll_interval_s: float = 60.0
+    batch_file_only: bool = False
+    batch_results: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.context not in ("contextual", "non_contextual", "both"):
@@ -97,6 +104,14 @@ class GenerateConfig:
             raise ConfigError(f"reasks must be >= 0; got {self.reasks}")
         if not 1 <= self.min_rounds <= self.max_rounds:
             raise ConfigError(f"need 1 <= min_rounds <= max_rounds; got {self.min_rounds}, {self.max_rounds}")
+        uses_batch = "openai-batch" in (parse_spec(self.caption_model)[0], parse_spec(self.qa_model)[0])
+        if (uses_batch or self.batch_results) and not is_local(fsspec.core.url_to_fs(self.cache)[0]):
+            raise ConfigError(
+                f"openai-batch and --batch-results keep batch files in the cache folder, which must be "
+                f"local; got --cache {self.cache!r}"
+            )
+        if self.batch_file_only and not uses_batch:
+            raise ConfigError("--batch-file-only needs an openai-batch:MODEL caption or Q&A model")
 
     @property
     def modes(self) -> list[ContextMode]:
@@ -114,6 +129,7 @@ class GenerateStats:
     mc_dropped_items: Counter = field(default_factory=Counter)
     engine: dict = field(default_factory=dict)
     plan: dict = field(default_factory=dict)
+    batch: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -126,6 +142,7 @@ class GenerateStats:
             "mc_dropped_items": dict(sorted(self.mc_dropped_items.items())),
             "engine": self.engine,
             "plan": self.plan,
+            "batch": self.batch,
         }
 
 
@@ -206,6 +223,14 @@ def generate(
     store_url = _image_store_of(config.contexts, config.image_store)
     store = ImageStore(store_url)
     cache = GenerationCache(config.cache, fallbacks=config.extra_caches)
+    batch_dir = str(Path(fsspec.core.url_to_fs(config.cache)[1], "batches"))
+    for results_file in config.batch_results:
+        from viscon_hub.engine.backends.openai_batch import ingest_results
+
+        counts = ingest_results(results_file, cache, index_dir=batch_dir)
+        logger.info("ingested %s: %s", results_file, dict(counts))
+        for name, n in counts.items():
+            stats.batch[f"ingested_{name}"] = stats.batch.get(f"ingested_{name}", 0) + n
     engine = Engine(cache=cache, config=config.engine)
     caption_stages = {
         m: _Stage(load_template(CAPTION_TEMPLATES[m]), config.caption_model) for m in config.modes
@@ -219,39 +244,72 @@ def generate(
         if config.engine.offline or config.dry_run:
             return None
         if spec not in backends:
-            options = (
-                {"max_connections": config.engine.max_concurrency} if parse_spec(spec)[0] == "openai" else {}
-            )
+            kind = parse_spec(spec)[0]
+            options: dict[str, Any] = {}
+            if kind == "openai":
+                options = {"max_connections": config.engine.max_concurrency}
+            elif kind == "openai-batch":
+                options = {
+                    "batch_dir": batch_dir,
+                    "max_requests": config.batch_max_requests,
+                    "max_bytes": config.batch_max_bytes,
+                    "poll_interval_s": config.batch_poll_interval_s,
+                    "file_only": config.batch_file_only,
+                }
             backends[spec] = make_backend(spec, image_loader=store.get, base_url=config.base_url, **options)
         return backends[spec]
 
     records: list[dict[str, Any]] = []
+    batch_files: list[str] = []
     try:
         for mode in config.modes:
-            records.extend(
-                _run_mode(
-                    mode,
-                    contexts,
-                    config=config,
-                    engine=engine,
-                    caption_stage=caption_stages[mode],
-                    ff_stage=ff_stage,
-                    mc_stage=mc_stage,
-                    backend=backend,
-                    stats=stats,
-                    progress=progress,
+            try:
+                records.extend(
+                    _run_mode(
+                        mode,
+                        contexts,
+                        config=config,
+                        engine=engine,
+                        caption_stage=caption_stages[mode],
+                        ff_stage=ff_stage,
+                        mc_stage=mc_stage,
+                        backend=backend,
+                        stats=stats,
+                        progress=progress,
+                    )
                 )
-            )
+            except BatchFilesWritten as e:
+                # --batch-file-only: a stage with requests to send wrote them, and this mode stops
+                # there (Q&A needs its captions); the other mode may still write its own.
+                batch_files.extend(e.paths)
     finally:
         cache.close()
         for b in backends.values():
             _close(b)
+            for name, n in getattr(b, "counts", {}).items():
+                stats.batch[name] = stats.batch.get(name, 0) + n
     stats.engine = engine.report.to_dict()
     if engine.prices.unpriced:
         stats.engine["unpriced_models"] = sorted(engine.prices.unpriced)
-    if not config.dry_run:
+    if config.dry_run:
+        stats.plan["total"] = _plan_total(stats.plan)
+    elif batch_files:
+        stats.batch["batch_files"] = batch_files
+    else:
         _write_outputs(config, records, stats, started, image_store=store_url)
     return stats
+
+
+def _plan_total(plan: dict[str, dict]) -> dict[str, Any]:
+    """The dry run's grand total: every stage, plus the Q&A of captions not made yet."""
+    stages = [p for p in plan.values() if isinstance(p, dict)]
+    return {
+        "to_call": sum(p.get("to_call", 0) + p.get("pending_on_uncached_captions", 0) for p in stages),
+        "estimated_cost_usd": round(
+            sum(p.get("estimated_cost_usd", 0.0) + p.get("pending_estimated_cost_usd", 0.0) for p in stages),
+            4,
+        ),
+    }
 
 
 def _close(backend: Any) -> None:
@@ -288,14 +346,33 @@ def _run_mode(
         caption_stage.request(caption_messages(caption_stage.template, ctx, mode)) for ctx, _ in todo
     ]
     if config.dry_run:
-        stats.plan[f"{mode}/caption"] = engine.plan(caption_requests)
+        caption_batch = parse_spec(config.caption_model)[0] == "openai-batch"
+        qa_batch = parse_spec(config.qa_model)[0] == "openai-batch"
+        stats.plan[f"{mode}/caption"] = engine.plan(caption_requests, batch_prices=caption_batch)
         cached = [engine.cache.get(r.key) for r in caption_requests]
         ready = [(c, rec) for c, (_, rec) in zip(cached, todo, strict=True) if c is not None and c.ok]
         qa = [ff_stage.request(ff_stage.template.render(caption=c.reply)) for c, _ in ready]
         qa += [mc_stage.request(mc_stage.template.render(caption=c.reply)) for c, _ in ready]
-        plan = engine.plan(qa)
-        # Captions not cached yet will each need two more Q&A requests once they exist.
-        plan["pending_on_uncached_captions"] = 2 * (len(todo) - len(ready))
+        plan = engine.plan(qa, batch_prices=qa_batch)
+        # Captions not cached yet will each need two more Q&A requests once they exist: price them
+        # with a caption of the expected length, the mean of the cached ones, else the template's cap.
+        pending = len(todo) - len(ready)
+        plan["pending_on_uncached_captions"] = 2 * pending
+        if ready:
+            lengths = [c.completion_tokens or len(c.reply) // 4 for c, _ in ready]
+            expected, source = sum(lengths) / len(lengths), "mean_of_cached_captions"
+        else:
+            expected, source = float(caption_stage.template.sampling.get("max_tokens") or 512), "max_tokens"
+        plan["expected_caption_tokens"] = round(expected, 1)
+        plan["expected_caption_tokens_from"] = source
+        pending_cost = 0.0
+        if pending:
+            for stage in (ff_stage, mc_stage):
+                probe = stage.request(stage.template.render(caption=""))
+                prompt = probe.estimated_prompt_tokens() + round(expected)
+                per = engine.prices.cost(stage.model, prompt, probe.max_tokens // 2, batch=qa_batch)
+                pending_cost += per * pending
+        plan["pending_estimated_cost_usd"] = round(pending_cost, 4)
         stats.plan[f"{mode}/qa"] = plan
         return []
 
@@ -318,22 +395,28 @@ def _run_mode(
         with_caption.append(rec)
 
     qa_backend = backend(config.qa_model)
+    batch_files: list[str] = []
     for stage, kind, parser in (
         (ff_stage, "qa_freeform", parse_freeform),
         (mc_stage, "qa_multiple_choice", parse_multiple_choice),
     ):
-        _qa(
-            with_caption,
-            stage=stage,
-            kind=kind,
-            parser=parser,
-            config=config,
-            engine=engine,
-            backend=qa_backend,
-            stats=stats,
-            progress=progress,
-            mode=mode,
-        )
+        try:
+            _qa(
+                with_caption,
+                stage=stage,
+                kind=kind,
+                parser=parser,
+                config=config,
+                engine=engine,
+                backend=qa_backend,
+                stats=stats,
+                progress=progress,
+                mode=mode,
+            )
+        except BatchFilesWritten as e:
+            batch_files.extend(e.paths)  # both Q&A kinds get their files before the run stops
+    if batch_files:
+        raise BatchFilesWritten(batch_files)
     for rec in with_caption:
         if rec["status"] == "pending":
             rec["status"] = "ok"
@@ -396,6 +479,8 @@ def _qa(
 def _error_reason(kind: str, c) -> str:
     if c.error == OFFLINE_MISS:
         return f"{kind}_offline_miss"
+    if c.error == BUDGET_STOP:
+        return f"{kind}_over_budget"
     return f"{kind}_{c.error_kind or 'error'}_error"
 
 

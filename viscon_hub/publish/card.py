@@ -307,6 +307,7 @@ def card_inputs(
         "plots": _plots(root),
         "paper": PAPER,
         "usage": _usage_rows(stats["usage"]),
+        "build_cost": _build_cost(stats["usage"], provenance),
         "dedup": _dedup_rows(stats["dedup"]),
         "drops": _drop_rows(stats["dropped"]),
         "provenance": provenance,
@@ -492,6 +493,21 @@ def _fields(features: Any, described: dict[str, tuple[str, str]]) -> list[dict[s
 def _plots(root: Path) -> dict[str, str]:
     """Relative links of the plots present, keyed like :data:`viscon_hub.publish.stats.PLOT_FILES`."""
     return {k: f"{PLOTS_DIR}/{f}" for k, f in PLOT_FILES.items() if (root / PLOTS_DIR / f).is_file()}
+
+
+def _build_cost(usage: dict[str, Any], provenance: dict[str, Any]) -> dict[str, Any]:
+    """What generating the published rows cost: the usage tokens at the rates of the backends used
+    (Batch API rates for models the build called through ``openai-batch``)."""
+    from viscon_hub.engine.prices import PriceTable
+
+    specs = [provenance.get("caption_model"), provenance.get("qa_model")]
+    batch = {s.split(":", 1)[1] for s in specs if isinstance(s, str) and s.startswith("openai-batch:")}
+    prices = PriceTable.load()
+    total = sum(
+        prices.cost(m, u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0, batch=m in batch)
+        for m, u in usage["by_model"].items()
+    )
+    return {"usd": round(total, 4), "batch_models": sorted(batch)}
 
 
 def _usage_rows(usage: dict[str, Any]) -> list[dict[str, Any]]:

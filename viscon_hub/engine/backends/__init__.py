@@ -1,4 +1,5 @@
-"""Backends behind one small protocol: ``openai:MODEL``, ``vllm:MODEL``, ``transformers:MODEL``, and
+"""Backends behind one small protocol: ``openai:MODEL``, ``openai-batch:MODEL``, ``vllm:MODEL``,
+``transformers:MODEL``, and
 ``sentence-transformers:MODEL`` for the question embeddings of the dedup."""
 
 from viscon_hub.engine.backends.base import Backend, BackendError, make_backend, parse_spec

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from viscon_hub.engine.request import Completion, Request
 from viscon_hub.errors import ConfigError, MissingDependencyError
 
-BACKENDS = ("openai", "vllm", "transformers", "sentence-transformers")
+BACKENDS = ("openai", "openai-batch", "vllm", "transformers", "sentence-transformers")
 ImageLoader = Callable[[str], bytes]
 
 
@@ -113,6 +113,17 @@ def make_backend(
 
         return OpenAIBackend(
             model, image_loader=image_loader, base_url=base_url, api_key=api_key, timeout_s=timeout_s
+        )
+    if kind == "openai-batch":
+        from viscon_hub.engine.backends.openai_batch import OpenAIBatchBackend
+
+        return OpenAIBatchBackend(
+            model,
+            image_loader=image_loader,
+            base_url=base_url,
+            api_key=api_key,
+            timeout_s=timeout_s,
+            **options,
         )
     if kind == "vllm":
         from viscon_hub.engine.backends.vllm_backend import VLLMBackend

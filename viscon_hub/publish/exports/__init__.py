@@ -10,6 +10,7 @@ llava          ``<config>_<split>.json`` + ``images/<sha256>.<ext>``            
 idefics        ``<config>_idefics/<split>-00000-of-00001.parquet`` (images embedded)        IDEFICS2
 messages       ``<config>_messages/<split>-00000-of-00001.parquet`` (images embedded)       TRL
 llamafactory   ``<config>_<split>.json`` + ``images/`` + ``dataset_info.json``               LLaMA-Factory
+captioner      ``<config>_captioner/<split>-00000-of-00001.parquet`` (a per-image config)   TRL SFT
 =============  ==========================================================================  ===========
 
 Every file is a pure function of the input rows: no absolute path, no timestamp, so two exports of
@@ -17,7 +18,7 @@ one build are byte-identical. A row a trainer would choke on (a literal ``<image
 turns that do not alternate) is skipped and counted under ``skipped`` in the summary, not raised.
 
 >>> FORMATS
-('llava', 'idefics', 'messages', 'llamafactory')
+('llava', 'idefics', 'messages', 'llamafactory', 'captioner')
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -48,8 +49,8 @@ from viscon_hub.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-Format = Literal["llava", "idefics", "messages", "llamafactory"]
-FORMATS: tuple[str, ...] = ("llava", "idefics", "messages", "llamafactory")
+Format = Literal["llava", "idefics", "messages", "llamafactory", "captioner"]
+FORMATS: tuple[str, ...] = ("llava", "idefics", "messages", "llamafactory", "captioner")
 # Image datasets use 100-row Parquet row groups (the datasets default for images): a batch of rows
 # with embedded images stays a few tens of MB in memory.
 BATCH_ROWS = 100
@@ -83,7 +84,12 @@ def export(
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}; expected one of {', '.join(FORMATS)}")
     root = Path(dataset)
-    splits = _check_source(root, config, split)
+    if format == "captioner":
+        from viscon_hub.publish.exports import captioner
+
+        splits = _check_source(root, config, split, per_image=True, columns=captioner.COLUMNS)
+    else:
+        splits = _check_source(root, config, split)
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"export output {out} is a file; expected a folder (it is created if missing)")
@@ -98,6 +104,8 @@ def export(
         from viscon_hub.publish.exports import idefics as module
     elif format == "messages":
         from viscon_hub.publish.exports import messages as module
+    elif format == "captioner":
+        from viscon_hub.publish.exports import captioner as module
     else:
         from viscon_hub.publish.exports import llamafactory as module
     result = module.write(source, splits=splits, output=out)
@@ -106,8 +114,15 @@ def export(
     return summary
 
 
-def _check_source(root: Path, config: str, split: str | None) -> tuple[str, ...]:
-    if config in PER_IMAGE_CONFIGS:
+def _check_source(
+    root: Path, config: str, split: str | None, *, per_image: bool = False, columns=_READ_COLUMNS
+) -> tuple[str, ...]:
+    if per_image and config not in PER_IMAGE_CONFIGS:
+        raise ConfigError(
+            f"the captioner export reads one row per image: --config one of {', '.join(PER_IMAGE_CONFIGS)}; "
+            f"got {config!r}"
+        )
+    if config in PER_IMAGE_CONFIGS and not per_image:
         raise ConfigError(
             f"config {config!r} holds one row per image, not conversations; "
             f"export a mix such as leaky (one of {', '.join(MIXES + NON_CONTEXTUAL_MIXES)})"
@@ -122,18 +137,19 @@ def _check_source(root: Path, config: str, split: str | None) -> tuple[str, ...]
     splits = (split,) if split else SPLITS
     missing = [data_path(config, s) for s in splits if not (root / data_path(config, s)).is_file()]
     if missing:
-        found = [c for c in MIXES + NON_CONTEXTUAL_MIXES if (root / data_path(c, splits[0])).is_file()]
+        kinds = PER_IMAGE_CONFIGS if per_image else MIXES + NON_CONTEXTUAL_MIXES
+        found = [c for c in kinds if (root / data_path(c, splits[0])).is_file()]
         raise ConfigError(
             f"{root} has no {', '.join(missing)}; mixes found there: {', '.join(found) or 'none'}. "
             f"Build it with `viscon build --configs {config}` or export one of those"
         )
     for s in splits:
         names = set(pq.read_schema(root / data_path(config, s)).names)
-        lacking = [c for c in _READ_COLUMNS if c not in names]
+        lacking = [c for c in columns if c not in names]
         if lacking:
             raise ConfigError(
-                f"{root / data_path(config, s)} is not a viscon mix: expected columns "
-                f"{', '.join(_READ_COLUMNS)}, found {', '.join(sorted(names))}"
+                f"{root / data_path(config, s)} is not a viscon {'per-image config' if per_image else 'mix'}: "
+                f"expected columns {', '.join(columns)}, found {', '.join(sorted(names))}"
             )
     return splits
 
@@ -149,10 +165,10 @@ class Source:
         self.root = Path(root)
         self.config = config
 
-    def batches(self, split: str) -> Iterator[list[dict[str, Any]]]:
+    def batches(self, split: str, columns: Sequence[str] = _READ_COLUMNS) -> Iterator[list[dict[str, Any]]]:
         """Lists of at most ``BATCH_ROWS`` rows (``id``, ``image``, ``messages``) in file order."""
         with pq.ParquetFile(self.root / data_path(self.config, split)) as f:
-            for batch in f.iter_batches(batch_size=BATCH_ROWS, columns=list(_READ_COLUMNS)):
+            for batch in f.iter_batches(batch_size=BATCH_ROWS, columns=list(columns)):
                 yield batch.to_pylist()
 
 

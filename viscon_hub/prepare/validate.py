@@ -19,6 +19,7 @@ import binascii
 import hashlib
 import json
 import posixpath
+import re
 from typing import Any
 
 from viscon_hub.prepare.readers import RawRow
@@ -27,7 +28,12 @@ from viscon_hub.records import Document, ImageSource
 END_OF_DOCUMENT = "END_OF_DOCUMENT_TOKEN_TO_BE_REPLACED"
 
 DROP_REASONS = (
+    "unreadable_file",
+    "invalid_utf8",
     "invalid_json",
+    "invalid_unicode",
+    "too_deep",
+    "too_large",
     "not_a_mapping",
     "missing_column",
     "wrong_type",
@@ -42,7 +48,14 @@ DROP_REASONS = (
     "no_image",
     "no_text",
     "empty_document",
+    "duplicate_document",
 )
+
+# Deeper than any real OBELICS row (metadata is three levels); bounds every walk over a row.
+MAX_DEPTH = 32
+# One paragraph or one URL longer than this is not web text but an attack or a broken export.
+MAX_STRING_CHARS = 4_000_000
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def parse_row(raw: RawRow) -> tuple[Document | None, str | None]:
@@ -53,6 +66,9 @@ def parse_row(raw: RawRow) -> tuple[Document | None, str | None]:
     data = raw.data
     if not isinstance(data, dict):
         return None, "not_a_mapping"
+    reason = _check_content({k: data.get(k) for k in ("images", "texts", "metadata", "general_metadata")})
+    if reason:
+        return None, reason
     for column in ("images", "texts", "metadata"):
         if column not in data:
             return None, "missing_column"
@@ -71,6 +87,9 @@ def parse_row(raw: RawRow) -> tuple[Document | None, str | None]:
         wrong="general_metadata_not_json",
         default={},
     )
+    if reason:
+        return None, reason
+    reason = _check_content([metadata, general])
     if reason:
         return None, reason
     if not (len(images) == len(texts) == len(metadata)):
@@ -128,7 +147,7 @@ def parse_row(raw: RawRow) -> tuple[Document | None, str | None]:
             images=out_images,
             image_metadata=out_meta,
             general_metadata=general,
-            source=raw.source,
+            source=_SURROGATE.sub("\ufffd", raw.source),  # a file name that is not UTF-8 still writes
             row=raw.row,
         ),
         None,
@@ -143,10 +162,33 @@ def _decode_json(value: Any, *, expect: type, not_json: str, wrong: str, default
             value = json.loads(value)
         except json.JSONDecodeError:
             return None, not_json
+        except RecursionError:
+            return None, "too_deep"
     # Some exports store the metadata already decoded; accept that as long as the type is right.
     if not isinstance(value, expect):
         return None, wrong
     return value, None
+
+
+def _check_content(value: Any) -> str | None:
+    """``too_deep``, ``too_large`` or ``invalid_unicode`` (a lone surrogate, unwritable as UTF-8), else None.
+
+    An explicit stack rather than recursion, so that a hostile nesting cannot exhaust Python's.
+    """
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if len(item) > MAX_STRING_CHARS:
+                return "too_large"
+            if _SURROGATE.search(item):
+                return "invalid_unicode"
+        elif isinstance(item, (list, tuple, dict)):
+            if depth >= MAX_DEPTH:
+                return "too_deep"
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return None
 
 
 def _clean_text(text: str) -> str:
@@ -159,8 +201,11 @@ def _clean_text(text: str) -> str:
 def _image_source(image: Any, base: str | None) -> tuple[ImageSource | None, str | None]:
     if isinstance(image, dict):
         # The datasets Image feature's storage: {"bytes": ..., "path": ...}.
-        if image.get("bytes"):
-            return ImageSource(data=bytes(image["bytes"])), None
+        data = image.get("bytes")
+        if data is not None and not isinstance(data, (bytes, bytearray, memoryview)):
+            return None, "wrong_type"
+        if data:
+            return ImageSource(data=bytes(data)), None
         image = image.get("path")
         if image is None:
             return None, "image_without_url"

@@ -69,6 +69,19 @@ def _add_generation_flags(g: argparse.ArgumentParser, *, quickstart_defaults: bo
     g.add_argument("--tpm", type=_positive_float, default=None, help="tokens per minute limit")
     g.add_argument("--max-attempts", type=_positive_int, default=5, help="attempts per request (default 5)")
     g.add_argument(
+        "--max-error-rate",
+        type=float,
+        default=0.5,
+        help="stop when more than this share of recent calls fail, and fail the run when this share of all "
+        "calls did (default 0.5; 1 never stops)",
+    )
+    g.add_argument(
+        "--request-timeout",
+        type=_positive_float,
+        default=120.0,
+        help="seconds one model call may take before it is retried (default 120)",
+    )
+    g.add_argument(
         "--reasks",
         type=_non_negative_int,
         default=2,
@@ -85,6 +98,8 @@ def _engine_config(args: argparse.Namespace, *, offline: bool):
         tokens_per_minute=args.tpm,
         max_attempts=args.max_attempts,
         offline=offline,
+        max_error_rate=args.max_error_rate,
+        request_timeout_s=args.request_timeout,
     )
 
 

@@ -15,6 +15,14 @@ class SourceError(VisconError):
     """A source cannot be opened at all (missing file, unknown dataset id)."""
 
 
+class EndpointError(VisconError):
+    """A model endpoint keeps failing (dead, wrong URL, refusing): the run stops instead of paying for nothing."""
+
+
+class RunFailedError(VisconError):
+    """A stage ended without one good record; its outputs and stats are written for inspection."""
+
+
 class MissingDependencyError(VisconError, ImportError):
     """An optional dependency is not installed; the message carries the pip install line."""
 

@@ -132,9 +132,10 @@ class BuildReport:
 
 def build(config: BuildConfig, *, progress: Callable[[str], None] | None = None) -> BuildReport:
     """Run prepare, generate, then :func:`write_dataset`; intermediate outputs go to ``config.work``."""
-    from viscon_hub.generate.stages import GenerateConfig, generate
+    from viscon_hub.generate.stages import GenerateConfig, check_models, generate
     from viscon_hub.prepare.driver import PrepareConfig, prepare
 
+    check_models(config.caption_model, config.qa_model, base_url=config.base_url, offline=config.offline)
     work = config.work.rstrip("/")
     say = progress or (lambda _msg: None)
     started = time.monotonic()

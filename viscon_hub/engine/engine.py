@@ -21,6 +21,7 @@ import logging
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -28,7 +29,7 @@ from viscon_hub.engine.backends.base import Backend, BackendError
 from viscon_hub.engine.cache import GenerationCache
 from viscon_hub.engine.prices import PriceTable
 from viscon_hub.engine.request import Completion, Request
-from viscon_hub.errors import ConfigError
+from viscon_hub.errors import ConfigError, EndpointError, redact
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +49,21 @@ class EngineConfig:
     retry_after_max_s: float = 300.0
     offline: bool = False
     jitter_seed: int | None = None
+    # Stop the run once more than this share of the last ``error_window`` attempts failed (rate-limit
+    # answers aside): a dead endpoint then fails within its first wave of calls, not after every retry.
+    max_error_rate: float = 0.5
+    error_window: int = 20
+    request_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            raise ConfigError(
+                f"--max-error-rate must be in [0, 1] (1 never stops); got {self.max_error_rate}"
+            )
+        if self.error_window < 1:
+            raise ConfigError(f"error_window must be >= 1; got {self.error_window}")
+        if not self.request_timeout_s > 0:
+            raise ConfigError(f"--request-timeout must be > 0 seconds; got {self.request_timeout_s}")
         if self.max_concurrency < 1:
             raise ConfigError(f"--max-concurrency must be >= 1; got {self.max_concurrency}")
         if self.max_attempts < 1:
@@ -126,6 +140,16 @@ class RunReport:
         return d
 
 
+def endpoint_of(backend: Backend | None) -> str:
+    """Where a backend sends its calls, for messages: the base URL, or ``backend:model``."""
+    if backend is None:
+        return "the cache"
+    url = getattr(backend, "base_url", None)
+    if getattr(backend, "name", None) == "openai":
+        return redact(url or "https://api.openai.com/v1")
+    return f"{getattr(backend, 'name', 'backend')}:{getattr(backend, 'model', '?')}"
+
+
 class _TokenBucket:
     """A rate in units per second with a burst of ``capacity``; ``acquire`` waits for room."""
 
@@ -160,6 +184,8 @@ class Engine:
         self.prices = prices or PriceTable.load()
         self.report = RunReport()
         self._rng = random.Random(self.config.jitter_seed)
+        self._outcomes: deque[bool] = deque(maxlen=self.config.error_window)  # True: the attempt failed
+        self.last_error: str | None = None
 
     # -- planning ------------------------------------------------------------------------------
     def plan(self, requests: Sequence[Request]) -> dict:
@@ -203,9 +229,18 @@ class Engine:
         except RuntimeError:
             return asyncio.run(once())
         box: list = []
-        thread = threading.Thread(target=lambda: box.append(asyncio.run(once())))
+
+        def in_thread() -> None:
+            try:
+                box.append(asyncio.run(once()))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread below
+                box.append(e)
+
+        thread = threading.Thread(target=in_thread)
         thread.start()
         thread.join()
+        if isinstance(box[0], BaseException):
+            raise box[0]
         return box[0]
 
     async def arun(
@@ -296,6 +331,21 @@ class Engine:
         finally:
             self.cache.flush()
 
+    def _observe(self, error: BackendError | None, backend: Backend) -> None:
+        """Count one attempt; raise :class:`EndpointError` once failures pass ``max_error_rate``."""
+        if error is not None and (error.status == 429 or error.retry_after is not None):
+            return  # the server is alive and asked us to wait: not a failure of the endpoint
+        self._outcomes.append(error is not None)
+        if error is not None:
+            self.last_error = redact(error)
+        window = self._outcomes
+        if len(window) == window.maxlen and sum(window) / len(window) > self.config.max_error_rate:
+            raise EndpointError(
+                f"{endpoint_of(backend)} failed {sum(window)} of the last {len(window)} attempts "
+                f"(over --max-error-rate {self.config.max_error_rate}); last error: {self.last_error}. "
+                "Check the server and --base-url, or raise --max-error-rate"
+            )
+
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
             # The server said when; a little jitter keeps a crowd of waiters from returning at once.
@@ -333,6 +383,7 @@ class Engine:
             try:
                 c = await backend.complete(r)
             except BackendError as e:
+                self._observe(e, backend)
                 if e.kind == "permanent" or attempt >= self.config.max_attempts:
                     return self._finish(r, self._failure(r, e), attempt, report)
                 report.retries += 1
@@ -340,6 +391,7 @@ class Engine:
                 logger.debug("retrying %s in %.2fs after: %s", r.key[:12], delay, e)
                 await asyncio.sleep(delay)
                 continue
+            self._observe(None, backend)
             return self._finish(r, c, attempt, report)
 
     async def _call_batch(
@@ -355,6 +407,7 @@ class Engine:
             outcomes = await backend.complete_batch(pending)
             retry = []
             for r, out in zip(pending, outcomes, strict=True):
+                self._observe(out if isinstance(out, BackendError) else None, backend)
                 if isinstance(out, BackendError):
                     if out.kind == "permanent" or attempt >= self.config.max_attempts:
                         done[r.key] = self._finish(r, self._failure(r, out), attempt, report)

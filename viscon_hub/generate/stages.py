@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -30,8 +31,8 @@ from viscon_hub.engine import (
     make_backend,
     parse_spec,
 )
-from viscon_hub.engine.engine import OFFLINE_MISS
-from viscon_hub.errors import ConfigError
+from viscon_hub.engine.engine import OFFLINE_MISS, endpoint_of
+from viscon_hub.errors import ConfigError, EndpointError, RunFailedError
 from viscon_hub.fsutil import is_local
 from viscon_hub.generate.parsers import parse_freeform, parse_multiple_choice
 from viscon_hub.generate.prompts import PromptTemplate, context_fields, load_template
@@ -158,6 +159,49 @@ def _image_store_of(folder: str, override: str | None) -> str:
     return folder.rstrip("/") + "/images"
 
 
+def check_models(*specs: str, base_url: str | None, offline: bool) -> None:
+    """Model specs, backend packages and API keys, checked before any work starts.
+
+    >>> check_models("openai:gpt-4o", "vllm:Qwen/Qwen2-VL-2B-Instruct", base_url=None, offline=True)
+    """
+    from viscon_hub.engine.backends.base import require
+
+    for spec in specs:
+        kind, _ = parse_spec(spec)
+        if offline or kind != "openai":
+            continue  # local backends load their model when they start; that is their check
+        require("openai", "openai")
+        if not (os.environ.get("OPENAI_API_KEY") or base_url or os.environ.get("OPENAI_BASE_URL")):
+            raise ConfigError(
+                f"{spec} needs an API key: export OPENAI_API_KEY=..., or pass --base-url "
+                "http://HOST:PORT/v1 for a local server, or --offline to use only the cache"
+            )
+
+
+def _check_outcome(config: GenerateConfig, stats: GenerateStats, engine: Engine, backends: list) -> None:
+    """Raise when the run produced nothing good, or its calls failed more than the engine allows."""
+    where = ", ".join(sorted({endpoint_of(b) for b in backends})) or "the cache"
+    report = engine.report
+    failed = report.permanent_errors + report.transient_errors
+    if stats.records and not stats.records_ok:
+        reasons = ", ".join(f"{k}: {v}" for k, v in stats.dropped.most_common(3))
+        if report.offline_misses and not report.calls:
+            fix = (
+                "the cache holds none of these requests; run without --offline, or add --extra-cache "
+                "with a cache that holds them"
+            )
+        else:
+            fix = f"last error from {where}: {engine.last_error or 'none'}"
+        raise RunFailedError(
+            f"no good record out of {stats.records} ({reasons}); {fix}. Stats: {config.output}/stats.json"
+        )
+    if report.calls and failed / report.calls > config.engine.max_error_rate:
+        raise EndpointError(
+            f"{failed} of {report.calls} calls to {where} failed (over --max-error-rate "
+            f"{config.engine.max_error_rate}); last error: {engine.last_error}. Stats: {config.output}/stats.json"
+        )
+
+
 def _model_name(spec: str) -> str:
     return parse_spec(spec)[1]
 
@@ -201,6 +245,8 @@ def generate(
 ) -> GenerateStats:
     """Caption every image context, then ask for both kinds of Q&A; write records and stats."""
     started = time.monotonic()
+    offline = config.engine.offline or config.dry_run
+    check_models(config.caption_model, config.qa_model, base_url=config.base_url, offline=offline)
     contexts = read_contexts(config.contexts, limit=config.limit)
     stats = GenerateStats(contexts_read=len(contexts))
     store_url = _image_store_of(config.contexts, config.image_store)
@@ -222,7 +268,13 @@ def generate(
             options = (
                 {"max_connections": config.engine.max_concurrency} if parse_spec(spec)[0] == "openai" else {}
             )
-            backends[spec] = make_backend(spec, image_loader=store.get, base_url=config.base_url, **options)
+            backends[spec] = make_backend(
+                spec,
+                image_loader=store.get,
+                base_url=config.base_url,
+                timeout_s=config.engine.request_timeout_s,
+                **options,
+            )
         return backends[spec]
 
     records: list[dict[str, Any]] = []
@@ -251,6 +303,7 @@ def generate(
         stats.engine["unpriced_models"] = sorted(engine.prices.unpriced)
     if not config.dry_run:
         _write_outputs(config, records, stats, started, image_store=store_url)
+        _check_outcome(config, stats, engine, list(backends.values()))
     return stats
 
 

@@ -118,8 +118,14 @@ class OpenAIBackend:
                 ) from None
             kind = "permanent" if status in _PERMANENT_STATUS else "transient"
             raise BackendError(message, kind=kind, status=status) from None
-        except openai.APITimeoutError:
-            raise BackendError("timeout", kind="transient") from None
+        except openai.APITimeoutError as e:
+            # The aiohttp transport reports a refused connection as a connect timeout: say which.
+            cause = e.__cause__
+            detail = f"cannot connect: {_short(cause)}" if "connect" in type(cause).__name__.lower() else None
+            raise BackendError(
+                self._clean(detail or f"timeout after {self.timeout_s:g}s (--request-timeout)"),
+                kind="transient",
+            ) from None
         except openai.APIConnectionError as e:
             raise BackendError(self._clean(f"connection error: {_short(e)}"), kind="transient") from None
         except openai.APIResponseValidationError as e:

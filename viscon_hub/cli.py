@@ -536,14 +536,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    command = " ".join(filter(None, (args.command, getattr(args, "cache_command", None))))
     try:
         return args.func(args)
     except VisconError as e:
-        print(f"viscon {args.command}: error: {e}", file=sys.stderr)
+        print(f"viscon {command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the last word of the CLI: one line, the traceback on request
+        if args.log_level == "DEBUG":
+            raise
+        print(f"viscon {command}: error: {_unexpected(e)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    from viscon_hub.errors import redact
+
+    text = " ".join(str(e).split()) or type(e).__name__
+    return redact(text, limit=600)
+
+
+_FSSPEC_EXTRAS = {"s3fs": "s3", "gcsfs": "gcs"}
+
+
+def _unexpected(e: BaseException) -> str:
+    """An error nobody raised on purpose: its type and first line, the extra to install, the way to see more."""
+    if isinstance(e, ImportError):
+        for package, extra in _FSSPEC_EXTRAS.items():
+            if package in str(e):
+                return f"this storage needs {package}: pip install 'viscon-hub[{extra}]'"
+    return f"{type(e).__name__}: {_one_line(e)}\n(rerun with --log-level DEBUG for the traceback)"
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ from viscon_hub.errors import ConfigError, EndpointError, redact
 logger = logging.getLogger(__name__)
 
 OFFLINE_MISS = "offline: not in cache"
+# More tokens than any model takes or writes in one call: a figure above it is a lie, not a bill.
+MAX_USAGE_TOKENS = 10_000_000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -92,6 +94,7 @@ class RunReport:
     permanent_errors: int = 0
     transient_errors: int = 0
     offline_misses: int = 0
+    usage_anomalies: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
@@ -123,6 +126,7 @@ class RunReport:
             "permanent_errors",
             "transient_errors",
             "offline_misses",
+            "usage_anomalies",
             "prompt_tokens",
             "completion_tokens",
             "cost_usd",
@@ -138,6 +142,10 @@ class RunReport:
         d = asdict(self)
         d["cost_usd"] = round(d["cost_usd"], 6)
         return d
+
+
+def _plausible(tokens: object) -> bool:
+    return isinstance(tokens, int) and not isinstance(tokens, bool) and 0 <= tokens <= MAX_USAGE_TOKENS
 
 
 def endpoint_of(backend: Backend | None) -> str:
@@ -359,6 +367,18 @@ class Engine:
         c.template_id, c.template_version = r.template_id, r.template_version
         c.attempts = attempts
         c.timestamp = time.time()
+        if not all(_plausible(n) for n in (c.prompt_tokens, c.completion_tokens)):
+            # The reply may still be good; its bill is not. Counted, and never summed as sent.
+            report.usage_anomalies += 1
+            logger.warning(
+                "%s: implausible usage from %s (prompt %r, completion %r); counted as 0",
+                r.key[:12],
+                r.model,
+                c.prompt_tokens,
+                c.completion_tokens,
+            )
+            c.prompt_tokens = c.prompt_tokens if _plausible(c.prompt_tokens) else 0
+            c.completion_tokens = c.completion_tokens if _plausible(c.completion_tokens) else 0
         self.cache.put(c)
         if c.ok:
             report.succeeded += 1

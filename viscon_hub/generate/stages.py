@@ -42,6 +42,7 @@ from viscon_hub.records import IMAGE_CONTEXT_SCHEMA, ImageContext
 logger = logging.getLogger(__name__)
 
 ContextMode = Literal["contextual", "non_contextual"]
+CHARS_PER_TOKEN_BOUND = 16
 CAPTION_TEMPLATES = {"contextual": "contextual_caption", "non_contextual": "non_contextual_caption"}
 
 FREEFORM_TYPE = pa.list_(pa.struct([("question", pa.string()), ("answer", pa.string())]))
@@ -190,8 +191,10 @@ def _check_outcome(config: GenerateConfig, stats: GenerateStats, engine: Engine,
                 "the cache holds none of these requests; run without --offline, or add --extra-cache "
                 "with a cache that holds them"
             )
+        elif engine.last_error:
+            fix = f"last error from {where}: {engine.last_error}"
         else:
-            fix = f"last error from {where}: {engine.last_error or 'none'}"
+            fix = f"{where} answered, but every reply was dropped for the reasons above"
         raise RunFailedError(
             f"no good record out of {stats.records} ({reasons}); {fix}. Stats: {config.output}/stats.json"
         )
@@ -213,6 +216,16 @@ class _Stage:
         self.template = template
         self.model = _model_name(model_spec)
         self.label = f"{template.id}@{template.version}"
+        # No tokenizer writes more than this many characters per token; a longer reply is not an answer.
+        self.max_reply_chars = CHARS_PER_TOKEN_BOUND * int(template.sampling.get("max_tokens") or 512)
+
+    def reply_problem(self, c) -> str | None:
+        """``length`` (cut at the token limit) or ``too_long`` (over the stage's bound), else None."""
+        if c.finish_reason == "length":
+            return "length"
+        if len(c.reply) > self.max_reply_chars:
+            return "too_long"
+        return None
 
     def request(self, messages: list[dict[str, Any]], *, seed: int | None = None) -> Request:
         sampling = dict(self.template.sampling)
@@ -363,6 +376,11 @@ def _run_mode(
         if not c.ok:
             _drop(rec, _error_reason("caption", c), stats)
             continue
+        problem = caption_stage.reply_problem(c)
+        if problem:
+            # A caption cut off mid-sentence would seed Q&A about what it never said: dropped, not re-asked.
+            _drop(rec, f"caption_{problem}", stats)
+            continue
         caption = c.reply.strip()
         if not caption:
             _drop(rec, "caption_empty", stats)
@@ -425,13 +443,18 @@ def _qa(
             if not c.ok:
                 _drop(rec, _error_reason(kind, c), stats)
                 continue
-            parsed = parser(c.reply, min_rounds=config.min_rounds, max_rounds=config.max_rounds)
-            if not parsed.ok:
+            problem = stage.reply_problem(c)
+            parsed = (
+                None
+                if problem
+                else parser(c.reply, min_rounds=config.min_rounds, max_rounds=config.max_rounds)
+            )
+            if parsed is None or not parsed.ok:
                 if attempt < config.reasks:
                     retry.append(rec)
                     stats.reasks += 1
                 else:
-                    _drop(rec, f"{kind}_{parsed.reason}", stats)
+                    _drop(rec, f"{kind}_{problem or parsed.reason}", stats)
                 continue
             stats.qa_truncated_rounds += parsed.truncated
             for reason, n in (getattr(parsed, "dropped_items", None) or {}).items():

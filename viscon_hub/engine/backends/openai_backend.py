@@ -145,8 +145,8 @@ class OpenAIBackend:
             key=request.key,
             reply=content,
             finish_reason=choice.finish_reason,
-            prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-            completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+            prompt_tokens=_count(getattr(usage, "prompt_tokens", None)),
+            completion_tokens=_count(getattr(usage, "completion_tokens", None)),
             latency_s=latency,
         )
 
@@ -161,6 +161,22 @@ class OpenAIBackend:
         if self._client is not None and self._loop is asyncio.get_running_loop():
             await self._client.close()
         self._client = None
+
+
+def _count(value: Any) -> int:
+    """A token count as the server sent it: a whole number, 0 when absent, -1 when it is not a count.
+
+    The engine turns -1 (and any other impossible figure) into a counted usage anomaly.
+    """
+    if value is None:
+        return 0
+    if isinstance(value, bool):
+        return -1
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return -1
 
 
 def _short(e: Exception) -> str:

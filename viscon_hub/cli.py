@@ -154,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-images", action="store_true", help="do not acquire images (contexts only)")
     p.add_argument(
+        "--image-root",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="also read local images under DIR (repeatable); by default only under each source file's folder",
+    )
+    p.add_argument(
         "--allow-private-urls",
         action="store_true",
         help="allow image URLs on private, loopback and link-local addresses (off by default)",
@@ -496,6 +503,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         "split": args.split,
         "dataset_config": args.dataset_config,
         "revision": args.revision,
+        "image_roots": tuple(args.image_root) if args.image_root else None,
     }
     if args.no_images:
         overrides["fetch_images"] = False

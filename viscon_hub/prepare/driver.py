@@ -61,6 +61,7 @@ class PrepareConfig:
     split: str = "train"
     dataset_config: str | None = None
     revision: str | None = None
+    image_roots: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -219,7 +220,7 @@ def process_batch(
     """
     docs: list[Document] = []
     for raw in batch:
-        doc, reason = parse_row(raw)
+        doc, reason = parse_row(raw, image_roots=config.image_roots)
         if reason != "unreadable_file":  # a damaged file is not a document
             stats.documents_read += 1
         if reason is None and seen is not None:

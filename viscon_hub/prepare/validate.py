@@ -18,10 +18,12 @@ import base64
 import binascii
 import hashlib
 import json
+import os
 import posixpath
 import re
 from typing import Any
 
+from viscon_hub.prepare.images.guard import redact
 from viscon_hub.prepare.readers import RawRow
 from viscon_hub.records import Document, ImageSource
 
@@ -45,6 +47,8 @@ DROP_REASONS = (
     "null_text",
     "image_without_url",
     "bad_image_reference",
+    "unsupported_scheme",
+    "image_outside_root",
     "no_image",
     "no_text",
     "empty_document",
@@ -55,11 +59,16 @@ DROP_REASONS = (
 MAX_DEPTH = 32
 # One paragraph or one URL longer than this is not web text but an attack or a broken export.
 MAX_STRING_CHARS = 4_000_000
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def parse_row(raw: RawRow) -> tuple[Document | None, str | None]:
-    """Validate one row; return ``(document, None)`` or ``(None, reason)``."""
+def parse_row(raw: RawRow, *, image_roots: tuple[str, ...] = ()) -> tuple[Document | None, str | None]:
+    """Validate one row; return ``(document, None)`` or ``(None, reason)``.
+
+    A local image path must lie under the folder of the row's own file or under one of
+    ``image_roots`` (after symlinks are resolved); anything else is ``image_outside_root``.
+    """
     if raw.error is not None or raw.data is None:
         reason = (raw.error or "not_a_mapping").split(":", 1)[0]
         return None, reason if reason in DROP_REASONS else "invalid_json"
@@ -119,7 +128,7 @@ def parse_row(raw: RawRow) -> tuple[Document | None, str | None]:
         if image is None:
             # An image entry in the metadata but no URL, or neither text nor image at all.
             return None, "image_without_url" if meta is not None else "null_text"
-        source, reason = _image_source(image, raw.base)
+        source, reason = _image_source(image, raw.base, image_roots)
         if reason:
             return None, reason
         out_texts.append(None)
@@ -138,6 +147,8 @@ def parse_row(raw: RawRow) -> tuple[Document | None, str | None]:
         url = next(
             (m.get("document_url") for m in out_meta if m and isinstance(m.get("document_url"), str)), None
         )
+    if url is not None:
+        url = redact(url)  # a page URL with user:password@ is stored without them
     doc_id = _document_id(url, out_texts, out_images)
     return (
         Document(
@@ -198,7 +209,9 @@ def _clean_text(text: str) -> str:
     return text.strip()
 
 
-def _image_source(image: Any, base: str | None) -> tuple[ImageSource | None, str | None]:
+def _image_source(
+    image: Any, base: str | None, roots: tuple[str, ...] = ()
+) -> tuple[ImageSource | None, str | None]:
     if isinstance(image, dict):
         # The datasets Image feature's storage: {"bytes": ..., "path": ...}.
         data = image.get("bytes")
@@ -216,10 +229,12 @@ def _image_source(image: Any, base: str | None) -> tuple[ImageSource | None, str
     image = image.strip()
     if not image:
         return None, "image_without_url"
-    lower = image.lower()
-    if lower.startswith(("http://", "https://")):
-        return ImageSource(url=image), None
-    if lower.startswith("data:"):
+    scheme = _SCHEME.match(image)
+    scheme = scheme.group(1).lower() if scheme else None
+    if scheme in ("http", "https"):
+        # Credentials in a crawled URL are someone's secret: never sent, never stored.
+        return ImageSource(url=redact(image)), None
+    if scheme == "data":
         head, _, payload = image.partition(",")
         if ";base64" not in head:
             return None, "bad_image_reference"
@@ -227,18 +242,30 @@ def _image_source(image: Any, base: str | None) -> tuple[ImageSource | None, str
             return ImageSource(data=base64.b64decode(payload, validate=True)), None
         except (binascii.Error, ValueError):
             return None, "bad_image_reference"
-    if lower.startswith("file://"):
-        return ImageSource(path=image[len("file://") :]), None
-    if "://" in image:
-        # Another fsspec protocol (s3://, hf://...): a path the image stage opens with fsspec.
-        return ImageSource(path=image), None
-    if image.startswith("/") or base is None:
-        return ImageSource(path=image), None
-    return ImageSource(
-        path=posixpath.normpath(posixpath.join(base, image))
-        if "://" not in base
-        else base.rstrip("/") + "/" + image
-    ), None
+    if scheme == "file":
+        image = image[len("file://") :] if image[:7].lower() == "file://" else image[len("file:") :]
+        if not image.startswith("/"):
+            return None, "bad_image_reference"
+    elif scheme is not None:
+        # javascript:, gopher:, s3://... : nothing the image stage may open on a document's say-so.
+        return None, "unsupported_scheme"
+    if base is not None and "://" in base:
+        return None, "image_outside_root"  # relative paths inside a remote source are not fetched
+    path = image if image.startswith("/") or base is None else posixpath.join(base, image)
+    allowed = tuple(r for r in (base, *roots) if r)
+    if not _under_any(path, allowed):
+        return None, "image_outside_root"
+    return ImageSource(path=os.path.realpath(path)), None
+
+
+def _under_any(path: str, roots: tuple[str, ...]) -> bool:
+    """Whether ``path`` (symlinks resolved) lies inside one of ``roots`` (symlinks resolved)."""
+    real = os.path.realpath(path)
+    for root in roots:
+        top = os.path.realpath(root)
+        if real == top or real.startswith(top.rstrip(os.sep) + os.sep):
+            return True
+    return False
 
 
 def _document_id(url: str | None, texts: list[str | None], images: list[ImageSource | None]) -> str:

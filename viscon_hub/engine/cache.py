@@ -5,6 +5,9 @@ Layout under the cache root::
     shards/<time>-<uuid>.parquet    immutable, written whole then renamed into place
     journal/<uuid>.jsonl            local caches only: one line per reply, flushed as it arrives,
                                     so a SIGKILL loses nothing that was stored
+    leases/<key[:2]>/<key>          local caches only: locked by the process whose call for that key
+                                    is in flight; holds the reply once it arrived, so that another
+                                    process on the same cache waits for it instead of paying again
 
 A process holds an exclusive lock on its own journal; whoever opens the cache later folds the
 journals of dead processes into Parquet shards. Two processes writing one cache never share a file.
@@ -109,6 +112,8 @@ class GenerationCache:
             for path in sorted(Path(self.root, "journal").glob("*.jsonl")):
                 for completion in _read_journal(path):
                     self._remember(completion)
+            if not self.read_only:
+                self._sweep_leases()
 
     def _shard_paths(self) -> list[str]:
         pattern = f"{self.root.rstrip('/')}/shards/*.parquet"
@@ -146,6 +151,57 @@ class GenerationCache:
 
     def __iter__(self) -> Iterator[Completion]:
         return iter(self._entries.values())
+
+    # -- leases: one call per key across processes --------------------------------------------
+    def try_lease(self, key: str) -> Lease | Completion | None:
+        """Claim the call for ``key`` across processes sharing this (local) cache.
+
+        Returns a :class:`Lease` to call under, the :class:`Completion` another process stored while
+        holding the lease (a hit: do not call), or None while another live process holds it (wait).
+        Caches on other fsspec storage have no leases: every process calls (a Lease that does nothing).
+        """
+        if not self.local or self.read_only:
+            return Lease(None, None)
+        path = Path(self.root, "leases", key[:2], key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        body = os.pread(fd, 1 << 24, 0)
+        if body.endswith(b"\n"):
+            try:
+                done = _completion(json.loads(body))
+            except (ValueError, TypeError):
+                done = None
+            if done is not None and done.key == key and _is_hit(done):
+                os.close(fd)  # releases the lock
+                with self._lock:
+                    self._remember(done)
+                return done
+        return Lease(fd, path)
+
+    def _sweep_leases(self) -> None:
+        """Remove unlocked lease files whose reply is stored anyway (left by finished runs)."""
+        folder = Path(self.root, "leases")
+        if not folder.is_dir():
+            return
+        for path in folder.glob("*/*"):
+            if self.get(path.name) is None:
+                continue
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                path.unlink(missing_ok=True)
+            except BlockingIOError:
+                pass  # in flight in a live process
+            finally:
+                os.close(fd)
 
     # -- writing -------------------------------------------------------------------------------
     def put(self, completion: Completion) -> None:
@@ -242,6 +298,29 @@ class GenerationCache:
                     self._write_shard(completions)
                 path.unlink(missing_ok=True)
                 logger.info("folded %d replies from an interrupted run's journal", len(completions))
+
+
+class Lease:
+    """The right to make one call; :meth:`release` with the completion (kept for waiters if a hit)."""
+
+    __slots__ = ("fd", "path")
+
+    def __init__(self, fd: int | None, path: Path | None) -> None:
+        self.fd, self.path = fd, path
+
+    def release(self, completion: Completion | None = None) -> None:
+        if self.fd is None:
+            return
+        try:
+            if completion is not None and _is_hit(completion):
+                body = (json.dumps(_row(completion), ensure_ascii=False) + "\n").encode("utf-8", "replace")
+                os.ftruncate(self.fd, 0)
+                os.pwrite(self.fd, body, 0)
+        except OSError as e:  # a waiter then calls itself: a cost, never a wrong answer
+            logger.debug("could not record the reply in lease %s: %s", self.path, e)
+        finally:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _row(c: Completion) -> dict:

@@ -395,6 +395,23 @@ class Engine:
         )
 
     async def _call_one(self, r: Request, backend: Backend, report: RunReport) -> Completion:
+        # Another process on this cache may have the same request in flight: wait for its reply.
+        wait = 0.05
+        while (lease := self.cache.try_lease(r.key)) is None:
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 1.0)
+        if isinstance(lease, Completion):
+            lease.from_cache = True
+            report.cache_hits += 1
+            return lease
+        c: Completion | None = None
+        try:
+            c = await self._call_leased(r, backend, report)
+            return c
+        finally:
+            lease.release(c)
+
+    async def _call_leased(self, r: Request, backend: Backend, report: RunReport) -> Completion:
         report.calls += 1
         attempt = 0
         while True:

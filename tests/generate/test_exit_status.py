@@ -154,3 +154,22 @@ def test_engine_config_bounds():
         EngineConfig(max_error_rate=2)
     with pytest.raises(ConfigError, match="--request-timeout"):
         EngineConfig(request_timeout_s=0)
+
+
+def test_build_against_a_dead_endpoint_fails_fast(tmp_path, capsys):
+    from viscon_hub.prepare.readers import SAMPLE_PATH
+
+    args = ["build", "--source", str(SAMPLE_PATH), "--base-url", DEAD, "--output", str(tmp_path / "o")]
+    assert main([*args, "--cache", str(tmp_path / "cache"), "--no-progress"]) == 2
+    (line,) = error_lines(capsys)
+    assert "127.0.0.1:9" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_build_whose_prepare_keeps_nothing_fails(tmp_path, capsys):
+    src = tmp_path / "bad.jsonl"
+    src.write_text('{"not": "a document"}\n[1]\n')
+    args = ["build", "--source", str(src), "--offline", "--output", str(tmp_path / "o")]
+    assert main([*args, "--cache", str(tmp_path / "cache"), "--no-progress"]) == 2
+    (line,) = error_lines(capsys)
+    assert "prepare kept no image context out of 2 documents" in line and "missing_column: 1" in line

@@ -145,6 +145,14 @@ def build(config: BuildConfig, *, progress: Callable[[str], None] | None = None)
             source=config.source, output=f"{work}/contexts", limit=config.limit, revision=config.revision
         )
     )
+    if prep.documents_read and not prep.images_kept:
+        from viscon_hub.errors import RunFailedError
+
+        reasons = ", ".join(f"{k}: {v}" for k, v in prep.dropped.most_common(3))
+        raise RunFailedError(
+            f"prepare kept no image context out of {prep.documents_read} documents ({reasons}); "
+            f"see {work}/contexts/drops/ for each drop and its reason"
+        )
     say("generate")
     gen = generate(
         GenerateConfig(

@@ -83,3 +83,30 @@ def test_lease_of_a_dead_holder_is_taken_over_and_a_held_one_waits(tmp_path):
     taken = b.try_lease(other)
     assert not isinstance(taken, Completion)
     taken.release()
+
+
+def test_leases_on_storage_without_locks(monkeypatch):
+    import uuid
+
+    from viscon_hub.engine import cache as cache_module
+
+    url = f"memory://leases-{uuid.uuid4().hex}"
+    a, b = GenerationCache(url), GenerationCache(url)
+    key = "ab" + "c" * 62
+    lease = a.try_lease(key)
+    assert lease is not None and not isinstance(lease, Completion)
+    assert b.try_lease(key) is None  # a's claim has not lapsed
+    lease.release(Completion(key=key, reply="the reply", model="m", stage="s", timestamp=1.0))
+    got = b.try_lease(key)
+    assert isinstance(got, Completion) and got.reply == "the reply"
+    # A claim past its expiry (a killed holder) is taken over.
+    other = "cd" + "e" * 62
+    monkeypatch.setattr(cache_module, "REMOTE_LEASE_TTL_S", -1.0)
+    assert a.try_lease(other) is not None
+    third = GenerationCache(url)
+    assert b.try_lease(other) is not None
+    # Finished leases are swept by the next open once the reply is in a shard.
+    a.put(got)
+    a.flush()
+    GenerationCache(url)
+    assert not third.fs.exists(f"{third.root}/leases/ab/{key}.json")

@@ -64,6 +64,8 @@ CACHE_SCHEMA = pa.schema(
 )
 _COLUMNS = CACHE_SCHEMA.names
 _COMPLETION_FIELDS = {f.name for f in fields(Completion)}
+# A lease on storage without locks lapses after this long, so a killed holder's key is called again.
+REMOTE_LEASE_TTL_S = 900.0
 
 
 def _is_hit(c: Completion) -> bool:
@@ -93,6 +95,7 @@ class GenerationCache:
         self._lock = threading.Lock()
         self._journal = None
         self._journal_path: Path | None = None
+        self._owner = uuid.uuid4().hex
         self._load()
 
     # -- reading -------------------------------------------------------------------------------
@@ -112,8 +115,9 @@ class GenerationCache:
             for path in sorted(Path(self.root, "journal").glob("*.jsonl")):
                 for completion in _read_journal(path):
                     self._remember(completion)
-            if not self.read_only:
-                self._sweep_leases()
+
+        if not self.read_only:
+            self._sweep_leases()
 
     def _shard_paths(self) -> list[str]:
         pattern = f"{self.root.rstrip('/')}/shards/*.parquet"
@@ -158,10 +162,14 @@ class GenerationCache:
 
         Returns a :class:`Lease` to call under, the :class:`Completion` another process stored while
         holding the lease (a hit: do not call), or None while another live process holds it (wait).
-        Caches on other fsspec storage have no leases: every process calls (a Lease that does nothing).
+        On other fsspec storage, which has no locks, a lease is a file naming its owner and an expiry
+        (:data:`REMOTE_LEASE_TTL_S`), read back after writing: best effort, as two processes writing in
+        the same instant may both win.
         """
-        if not self.local or self.read_only:
+        if self.read_only:
             return Lease(None, None)
+        if not self.local:
+            return self._try_remote_lease(key)
         path = Path(self.root, "leases", key[:2], key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -183,8 +191,51 @@ class GenerationCache:
                 return done
         return Lease(fd, path)
 
+    def _try_remote_lease(self, key: str) -> Lease | Completion | None:
+        path = f"{self.root.rstrip('/')}/leases/{key[:2]}/{key}.json"
+        held = self._read_remote_lease(path)
+        if isinstance(held, Completion):
+            if held.key == key and _is_hit(held):
+                with self._lock:
+                    self._remember(held)
+                return held
+        elif held is not None and held.get("owner") != self._owner and held.get("expires", 0) > time.time():
+            return None
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        claim = {"owner": self._owner, "expires": time.time() + REMOTE_LEASE_TTL_S}
+        self.fs.pipe_file(path, json.dumps(claim).encode())
+        mine = self._read_remote_lease(path)
+        if not isinstance(mine, dict) or mine.get("owner") != self._owner:
+            return None  # another process wrote after us: it calls, we wait
+        return Lease(None, None, fs=self.fs, remote_path=path)
+
+    def _read_remote_lease(self, path: str) -> dict | Completion | None:
+        try:
+            body = json.loads(self.fs.cat_file(path))
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError):
+            return None  # damaged: ignored, never trusted
+        if not isinstance(body, dict):
+            return None
+        if "owner" in body:
+            return body
+        try:
+            return _completion(body)
+        except TypeError:
+            return None
+
     def _sweep_leases(self) -> None:
         """Remove unlocked lease files whose reply is stored anyway (left by finished runs)."""
+        if not self.local:
+            try:
+                paths = self.fs.glob(f"{self.root.rstrip('/')}/leases/*/*.json")
+            except FileNotFoundError:
+                return
+            done = [p for p in paths if self.get(p.rsplit("/", 1)[1].removesuffix(".json")) is not None]
+            if done:
+                self.fs.rm(done)
+            return
         folder = Path(self.root, "leases")
         if not folder.is_dir():
             return
@@ -303,12 +354,16 @@ class GenerationCache:
 class Lease:
     """The right to make one call; :meth:`release` with the completion (kept for waiters if a hit)."""
 
-    __slots__ = ("fd", "path")
+    __slots__ = ("fd", "fs", "path", "remote_path")
 
-    def __init__(self, fd: int | None, path: Path | None) -> None:
+    def __init__(self, fd: int | None, path: Path | None, *, fs=None, remote_path: str | None = None) -> None:
         self.fd, self.path = fd, path
+        self.fs, self.remote_path = fs, remote_path
 
     def release(self, completion: Completion | None = None) -> None:
+        if self.remote_path is not None:
+            self._release_remote(completion)
+            return
         if self.fd is None:
             return
         try:
@@ -321,6 +376,18 @@ class Lease:
         finally:
             os.close(self.fd)
             self.fd = None
+
+    def _release_remote(self, completion: Completion | None) -> None:
+        path, self.remote_path = self.remote_path, None
+        try:
+            if completion is not None and _is_hit(completion):
+                self.fs.pipe_file(
+                    path, json.dumps(_row(completion), ensure_ascii=False).encode("utf-8", "replace")
+                )
+            else:
+                self.fs.rm(path)
+        except (OSError, FileNotFoundError) as e:
+            logger.debug("could not release lease %s: %s", path, e)
 
 
 def _row(c: Completion) -> dict:

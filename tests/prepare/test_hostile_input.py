@@ -1,6 +1,7 @@
 """Hostile content never ends a prepare run: each bad row or file is one counted drop, all else is kept."""
 
 import gzip
+import os
 import json
 
 import pyarrow as pa
@@ -216,3 +217,16 @@ def test_parquet_with_image_struct_of_wrong_types(tmp_path):
     stats, out = run(tmp_path, src)
     assert kept_urls(out) == [page(0)]
     assert stats.dropped == {"wrong_type": 1}
+
+
+def test_file_name_that_is_not_utf8(tmp_path):
+    src = tmp_path / "corpus"
+    src.mkdir()
+    bad_name = os.fsdecode(b"bad-\xff-name.jsonl")
+    (src / bad_name).write_text(json.dumps(good_row(0)) + "\n" + "{broken\n")
+    (src / "good.jsonl").write_text(json.dumps(good_row(1)) + "\n")
+    stats, out = run(tmp_path, src)
+    assert kept_urls(out) == [page(0), page(1)]
+    assert stats.dropped == {"invalid_json": 1}
+    (drop,) = drop_log(out)
+    assert drop["source"].endswith("-name.jsonl")

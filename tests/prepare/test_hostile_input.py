@@ -1,8 +1,8 @@
 """Hostile content never ends a prepare run: each bad row or file is one counted drop, all else is kept."""
 
 import gzip
-import os
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq

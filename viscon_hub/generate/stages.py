@@ -194,7 +194,7 @@ def _check_outcome(config: GenerateConfig, stats: GenerateStats, engine: Engine,
         elif engine.last_error:
             fix = f"last error from {where}: {engine.last_error}"
         else:
-            fix = f"{where} answered, but every reply was dropped for the reasons above"
+            fix = f"{where} answered, but every reply was dropped (reasons listed)"
         raise RunFailedError(
             f"no good record out of {stats.records} ({reasons}); {fix}. Stats: {config.output}/stats.json"
         )

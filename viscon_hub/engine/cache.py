@@ -96,6 +96,7 @@ class GenerationCache:
         self._journal = None
         self._journal_path: Path | None = None
         self._owner = uuid.uuid4().hex
+        self._lease_dirs: set[str] = set()
         self._load()
 
     # -- reading -------------------------------------------------------------------------------
@@ -170,8 +171,11 @@ class GenerationCache:
             return Lease(None, None)
         if not self.local:
             return self._try_remote_lease(key)
-        path = Path(self.root, "leases", key[:2], key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        folder = os.path.join(self.root, "leases", key[:2])
+        if folder not in self._lease_dirs:  # one mkdir per folder, not per call: this is the hot path
+            os.makedirs(folder, exist_ok=True)
+            self._lease_dirs.add(folder)
+        path = os.path.join(folder, key)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -189,7 +193,7 @@ class GenerationCache:
                 with self._lock:
                     self._remember(done)
                 return done
-        return Lease(fd, path)
+        return Lease(fd, path, stale=bool(body))
 
     def _try_remote_lease(self, key: str) -> Lease | Completion | None:
         path = f"{self.root.rstrip('/')}/leases/{key[:2]}/{key}.json"
@@ -354,11 +358,20 @@ class GenerationCache:
 class Lease:
     """The right to make one call; :meth:`release` with the completion (kept for waiters if a hit)."""
 
-    __slots__ = ("fd", "fs", "path", "remote_path")
+    __slots__ = ("fd", "fs", "path", "remote_path", "stale")
 
-    def __init__(self, fd: int | None, path: Path | None, *, fs=None, remote_path: str | None = None) -> None:
+    def __init__(
+        self,
+        fd: int | None,
+        path: str | None,
+        *,
+        fs=None,
+        remote_path: str | None = None,
+        stale: bool = False,
+    ) -> None:
         self.fd, self.path = fd, path
         self.fs, self.remote_path = fs, remote_path
+        self.stale = stale  # the file held something (a damaged or failed record): truncate before writing
 
     def release(self, completion: Completion | None = None) -> None:
         if self.remote_path is not None:
@@ -369,7 +382,8 @@ class Lease:
         try:
             if completion is not None and _is_hit(completion):
                 body = (json.dumps(_row(completion), ensure_ascii=False) + "\n").encode("utf-8", "replace")
-                os.ftruncate(self.fd, 0)
+                if self.stale:
+                    os.ftruncate(self.fd, 0)
                 os.pwrite(self.fd, body, 0)
         except OSError as e:  # a waiter then calls itself: a cost, never a wrong answer
             logger.debug("could not record the reply in lease %s: %s", self.path, e)

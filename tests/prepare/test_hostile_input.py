@@ -75,6 +75,7 @@ def test_hostile_lines_in_one_jsonl_file(tmp_path):
         json.dumps(path_int).encode(),
         b"[1, 2]",
         b"null",
+        json.dumps({**good_row(18), "texts": ["x" * 4_000_001, None, "end"]}).encode(),
         good[3],
     ]
     src = tmp_path / "hostile.jsonl"
@@ -88,6 +89,7 @@ def test_hostile_lines_in_one_jsonl_file(tmp_path):
         "too_deep": 3,
         "wrong_type": 3,
         "not_a_mapping": 2,
+        "too_large": 1,
     }
 
 
@@ -230,3 +232,11 @@ def test_file_name_that_is_not_utf8(tmp_path):
     assert stats.dropped == {"invalid_json": 1}
     (drop,) = drop_log(out)
     assert drop["source"].endswith("-name.jsonl")
+
+
+def test_image_roots_must_be_folders(tmp_path):
+    from viscon_hub.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--image-root"):
+        PrepareConfig(output=str(tmp_path), image_roots="/data")
+    assert PrepareConfig(output=str(tmp_path), image_roots=["/data"]).image_roots == ("/data",)

@@ -81,6 +81,10 @@ class PrepareConfig:
             raise ConfigError(f"batch_size must be >= 1; got {self.batch_size}")
         if not self.output:
             raise ConfigError("--output must name a folder")
+        roots = self.image_roots
+        if isinstance(roots, str) or not all(isinstance(r, str) and r for r in roots):
+            raise ConfigError(f"image_roots (--image-root) must be a list of folders; got {roots!r}")
+        object.__setattr__(self, "image_roots", tuple(roots))
 
     @property
     def store_url(self) -> str:

@@ -556,8 +556,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the last word of the CLI: one line, the traceback on request
         if args.log_level == "DEBUG":
             raise
-        print(f"viscon {command}: error: {_unexpected(e)}", file=sys.stderr)
-        return 1
+        message = _unexpected(e)
+        print(f"viscon {command}: error: {message}", file=sys.stderr)
+        return 2 if message.startswith("this storage needs") else 1  # a setup problem, like a bad flag
 
 
 def _one_line(e: BaseException) -> str:

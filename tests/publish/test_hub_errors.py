@@ -107,7 +107,7 @@ def test_storage_without_its_package_names_the_extra(tmp_path, monkeypatch, caps
         raise ImportError("Install s3fs to access S3")
 
     monkeypatch.setattr(fsspec.core, "url_to_fs", no_s3)
-    assert main(["prepare", "--source", "s3://bucket/docs.jsonl", "--output", str(tmp_path / "o")]) != 0
+    assert main(["prepare", "--source", "s3://bucket/docs.jsonl", "--output", str(tmp_path / "o")]) == 2
     (line,) = error_lines(capsys)
     assert "viscon-hub[s3]" in line
 

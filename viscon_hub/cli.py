@@ -76,6 +76,19 @@ def _add_generation_flags(g: argparse.ArgumentParser, *, quickstart_defaults: bo
         help="stop calling models before the estimated spend of this run passes USD (stored replies stay)",
     )
     g.add_argument(
+        "--max-error-rate",
+        type=float,
+        default=0.5,
+        help="stop when more than this share of recent calls fail, and fail the run when this share of all "
+        "calls did (default 0.5; 1 never stops)",
+    )
+    g.add_argument(
+        "--request-timeout",
+        type=_positive_float,
+        default=120.0,
+        help="seconds one model call may take before it is retried (default 120)",
+    )
+    g.add_argument(
         "--reasks",
         type=_non_negative_int,
         default=2,
@@ -93,6 +106,8 @@ def _engine_config(args: argparse.Namespace, *, offline: bool):
         max_attempts=args.max_attempts,
         offline=offline,
         max_cost_usd=args.max_cost,
+        max_error_rate=args.max_error_rate,
+        request_timeout_s=args.request_timeout,
     )
 
 
@@ -146,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-store", default=None, help="content-addressed image store (default: OUTPUT/images)"
     )
     p.add_argument("--no-images", action="store_true", help="do not acquire images (contexts only)")
+    p.add_argument(
+        "--image-root",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="also read local images under DIR (repeatable); by default only under each source file's folder",
+    )
     p.add_argument(
         "--allow-private-urls",
         action="store_true",
@@ -535,6 +557,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         "split": args.split,
         "dataset_config": args.dataset_config,
         "revision": args.revision,
+        "image_roots": tuple(args.image_root) if args.image_root else None,
     }
     if args.no_images:
         overrides["fetch_images"] = False
@@ -575,14 +598,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    command = " ".join(filter(None, (args.command, getattr(args, "cache_command", None))))
     try:
         return args.func(args)
     except VisconError as e:
-        print(f"viscon {args.command}: error: {e}", file=sys.stderr)
+        print(f"viscon {command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the last word of the CLI: one line, the traceback on request
+        if args.log_level == "DEBUG":
+            raise
+        message = _unexpected(e)
+        print(f"viscon {command}: error: {message}", file=sys.stderr)
+        return 2 if message.startswith("this storage needs") else 1  # a setup problem, like a bad flag
+
+
+def _one_line(e: BaseException) -> str:
+    from viscon_hub.errors import redact
+
+    text = " ".join(str(e).split()) or type(e).__name__
+    return redact(text, limit=600)
+
+
+_FSSPEC_EXTRAS = {"s3fs": "s3", "gcsfs": "gcs"}
+
+
+def _unexpected(e: BaseException) -> str:
+    """An error nobody raised on purpose: its type and first line, the extra to install, the way to see more."""
+    if isinstance(e, ImportError):
+        for package, extra in _FSSPEC_EXTRAS.items():
+            if package in str(e):
+                return f"this storage needs {package}: pip install 'viscon-hub[{extra}]'"
+    return f"{type(e).__name__}: {_one_line(e)}\n(rerun with --log-level DEBUG for the traceback)"
 
 
 if __name__ == "__main__":

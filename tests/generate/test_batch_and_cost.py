@@ -8,6 +8,7 @@ import pytest
 from tests.servers.openai_server import OpenAITestServer, fingerprint, make_reply
 from viscon_hub.cli import main
 from viscon_hub.engine import EngineConfig
+from viscon_hub.errors import RunFailedError
 from viscon_hub.generate.stages import GenerateConfig, generate
 from viscon_hub.prepare.driver import PrepareConfig, prepare
 
@@ -139,14 +140,18 @@ def test_max_cost_stops_before_spending_past_it(contexts, server, tmp_path, monk
     )
     budget = 3.0  # a few captions' worth at these prices
     engine = EngineConfig(max_concurrency=4, max_cost_usd=budget)
-    stats = generate(config(contexts, server, tmp_path, limit=8, engine=engine))
-    assert 0 < stats.engine["cost_usd"] <= budget
-    assert stats.engine["budget_stops"] > 0
-    assert stats.dropped["caption_over_budget"] > 0
+    # The budget runs out before any image has its caption and both Q&A kinds: a run with no good
+    # record fails, and says which budget stopped it.
+    with pytest.raises(RunFailedError, match="--max-cost 3 was reached"):
+        generate(config(contexts, server, tmp_path, limit=8, engine=engine))
+    stats = json.loads((tmp_path / "gen" / "stats.json").read_text())
+    assert 0 < stats["engine"]["cost_usd"] <= budget
+    assert stats["engine"]["budget_stops"] > 0
+    assert stats["dropped"]["caption_over_budget"] > 0
     # What was paid for is stored: a rerun with a larger budget calls only what is missing.
     before = server.stats()["total_requests"]
     rerun = generate(config(contexts, server, tmp_path, limit=8, engine=EngineConfig(max_concurrency=4)))
-    assert rerun.engine["cache_hits"] >= stats.engine["succeeded"]
+    assert rerun.engine["cache_hits"] >= stats["engine"]["succeeded"]
     assert server.stats()["total_requests"] - before == rerun.engine["calls"]
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests.servers.openai_server import OpenAITestServer
 from viscon_hub.engine import EngineConfig
-from viscon_hub.errors import ConfigError
+from viscon_hub.errors import ConfigError, RunFailedError
 from viscon_hub.generate.stages import GenerateConfig, generate
 from viscon_hub.prepare.driver import PrepareConfig, prepare
 
@@ -114,8 +114,10 @@ def test_permanent_caption_error_drops_only_that_image(contexts, server, tmp_pat
 
 
 def test_offline_reports_misses_and_dry_run_calls_nothing(contexts, server, tmp_path):
-    stats = generate(config(contexts, server, tmp_path, limit=3, engine=EngineConfig(offline=True)))
-    assert stats.dropped == {"caption_offline_miss": 3}
+    with pytest.raises(RunFailedError, match="--offline"):
+        generate(config(contexts, server, tmp_path, limit=3, engine=EngineConfig(offline=True)))
+    on_disk = json.loads((tmp_path / "gen" / "stats.json").read_text())
+    assert on_disk["dropped"] == {"caption_offline_miss": 3}
     assert server.stats()["total_requests"] == 0
     generate(config(contexts, server, tmp_path, limit=2))
     seen = server.stats()["total_requests"]

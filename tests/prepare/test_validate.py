@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -127,8 +128,14 @@ def test_image_references_of_every_kind(tmp_path):
     assert doc.images[1].path == "/data/corpus/images/x.jpg"
     doc, _ = parse(mutate(images=[None, {"bytes": b"abc", "path": None}, None]))
     assert doc.images[1].data == b"abc"
-    doc, _ = parse(mutate(images=[None, "file:///tmp/a.png", None]))
-    assert doc.images[1].path == "/tmp/a.png"
+    root = os.path.realpath(tmp_path)
+    doc, _ = parse_row(
+        RawRow(data=mutate(images=[None, f"file://{root}/a.png", None]), source="t", row=0),
+        image_roots=(str(tmp_path),),
+    )
+    assert doc.images[1].path == f"{root}/a.png"
+    # Without a root that holds it, a file:// reference is refused.
+    assert parse(mutate(images=[None, f"file://{root}/a.png", None]))[1] == "image_outside_root"
 
 
 def test_real_obelics_row_with_optional_keys_missing(obelics_row_fixture):

@@ -72,6 +72,7 @@ class MiniHub:
         self.lfs: dict[str, bytes] = {}
         self.request_log: list[dict] = []
         self.faults: list[str] = []
+        self.read_faults: list[str] = []
         self.lock = threading.RLock()
         self._server: ThreadingHTTPServer | None = None
 
@@ -108,6 +109,11 @@ class MiniHub:
         """Answer the next commits with these statuses, in order: "429", "412" or "500"."""
         with self.lock:
             self.faults = list(faults)
+
+    def set_read_faults(self, faults: list[str]) -> None:
+        """Answer the next repo reads (info, tree, refs) with these statuses, in order: "429" or "500"."""
+        with self.lock:
+            self.read_faults = list(faults)
 
     def commits(self, repo: str, revision: str = "main", repo_type: str = "dataset") -> list[str]:
         """Commit messages from the tip of ``revision`` back to the first."""
@@ -206,6 +212,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str, path: str, query: dict) -> None:
         hub = self.server_hub
         head = method == "HEAD"
+        if method == "GET" and path.startswith("/api/datasets/") and hub.read_faults:
+            with hub.lock:
+                fault = hub.read_faults.pop(0) if hub.read_faults else None
+            if fault == "429":
+                return self._send(429, {"error": "rate limited"}, {"Retry-After": "0"})
+            if fault is not None:
+                return self._error(int(fault), "ServerError", "injected read failure")
         if path == "/api/agent-harnesses":
             return self._send(200, {"standardEnvVars": [], "harnesses": {}})
         if path == "/api/whoami-v2":

@@ -27,7 +27,10 @@ A fault rule (all keys but ``kind`` optional)::
      "times": 1,               # applications before the rule is used up; null: never used up
      "per_fingerprint": False, # True: apply to the first `times` attempts of EACH distinct request
      "retry_after_s": 1.0,     # 429 (and 503 when given): the Retry-After header, may be fractional
-     "delay_s": 30.0}          # timeout: seconds to wait before replying normally
+     "delay_s": 30.0,          # timeout: seconds to wait before replying normally
+     "reply": {...}}           # lie: a well-formed 200 whose body lies; any of "usage" (replaces the
+                               # usage object, any JSON), "repeat" (content repeated N times),
+                               # "finish_reason" (replaces it)
 
 Rules are tried in order; the first one that matches and is not used up decides the request.
 
@@ -84,13 +87,14 @@ FAULT_KINDS = (
     "truncated_json",
     "garbled_content",
     "truncated_content",
+    "lie",
 )
 DEFAULT_MODELS = ("viscon-test-vlm", "viscon-test-llm")
 IMAGE_TOKENS = 85
 REPLY_CACHE_SIZE = 200_000
 MAX_BODY_BYTES = 256 * 1024 * 1024
 
-_RULE_KEYS = {"kind", "match", "times", "per_fingerprint", "retry_after_s", "delay_s"}
+_RULE_KEYS = {"kind", "match", "times", "per_fingerprint", "retry_after_s", "delay_s", "reply"}
 _BEARER = re.compile(r"Bearer\s+\S+")
 _DATA_URL = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,", re.ASCII)
 _HOST = re.compile(r"https?://([A-Za-z0-9.-]+)")
@@ -181,6 +185,7 @@ class FaultRule:
     per_fingerprint: bool = False
     retry_after_s: float | None = None
     delay_s: float = 30.0
+    reply: dict[str, Any] | None = None
     used: int = 0
     used_by_fingerprint: dict[str, int] = field(default_factory=dict)
 
@@ -211,6 +216,9 @@ class FaultRule:
                 isinstance(value, bool) or not isinstance(value, int | float) or value < 0
             ):
                 raise ValueError(f"fault {name!r} must be a number of seconds >= 0, got {value!r}")
+        lie = raw.get("reply")
+        if lie is not None and (not isinstance(lie, dict) or set(lie) - {"usage", "repeat", "finish_reason"}):
+            raise ValueError(f"fault 'reply' must be an object of usage, repeat, finish_reason; got {lie!r}")
         return cls(
             kind=kind,
             match=match,
@@ -218,6 +226,7 @@ class FaultRule:
             per_fingerprint=bool(raw.get("per_fingerprint", False)),
             retry_after_s=None if retry_after is None else float(retry_after),
             delay_s=float(delay),
+            reply=lie,
         )
 
     def spec(self) -> dict[str, Any]:
@@ -229,6 +238,7 @@ class FaultRule:
             "per_fingerprint": self.per_fingerprint,
             "retry_after_s": self.retry_after_s,
             "delay_s": self.delay_s,
+            "reply": self.reply,
         }
 
     def take(self, fp: str, text: str) -> bool:
@@ -646,6 +656,17 @@ async def _inject(
         rng = random.Random(f"garbled:{fp}")
         content = " ".join(rng.choice(_FILLER) for _ in range(max(8, len(reply.content) // 6)))
         body = _completion_body(fp, reply.model, content, "stop", reply.prompt_tokens)
+        return _respond(state, 200, web.Response(body=body, content_type="application/json"))
+    if kind == "lie":
+        data = json.loads(reply.body)
+        lie = rule.reply or {}
+        if "usage" in lie:
+            data["usage"] = lie["usage"]
+        if "repeat" in lie:
+            data["choices"][0]["message"]["content"] = reply.content * int(lie["repeat"])
+        if "finish_reason" in lie:
+            data["choices"][0]["finish_reason"] = lie["finish_reason"]
+        body = json.dumps(data, ensure_ascii=False).encode("utf-8")
         return _respond(state, 200, web.Response(body=body, content_type="application/json"))
     # truncated_content
     content = reply.content[: len(reply.content) // 2]

@@ -132,9 +132,10 @@ class BuildReport:
 
 def build(config: BuildConfig, *, progress: Callable[[str], None] | None = None) -> BuildReport:
     """Run prepare, generate, then :func:`write_dataset`; intermediate outputs go to ``config.work``."""
-    from viscon_hub.generate.stages import GenerateConfig, generate
+    from viscon_hub.generate.stages import GenerateConfig, check_models, generate
     from viscon_hub.prepare.driver import PrepareConfig, prepare
 
+    check_models(config.caption_model, config.qa_model, base_url=config.base_url, offline=config.offline)
     work = config.work.rstrip("/")
     say = progress or (lambda _msg: None)
     started = time.monotonic()
@@ -144,6 +145,14 @@ def build(config: BuildConfig, *, progress: Callable[[str], None] | None = None)
             source=config.source, output=f"{work}/contexts", limit=config.limit, revision=config.revision
         )
     )
+    if prep.documents_read and not prep.images_kept:
+        from viscon_hub.errors import RunFailedError
+
+        reasons = ", ".join(f"{k}: {v}" for k, v in prep.dropped.most_common(3))
+        raise RunFailedError(
+            f"prepare kept no image context out of {prep.documents_read} documents ({reasons}); "
+            f"see {work}/contexts/drops/ for each drop and its reason"
+        )
     say("generate")
     gen = generate(
         GenerateConfig(

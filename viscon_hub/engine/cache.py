@@ -5,6 +5,9 @@ Layout under the cache root::
     shards/<time>-<uuid>.parquet    immutable, written whole then renamed into place
     journal/<uuid>.jsonl            local caches only: one line per reply, flushed as it arrives,
                                     so a SIGKILL loses nothing that was stored
+    leases/<key[:2]>/<key>          local caches only: locked by the process whose call for that key
+                                    is in flight; holds the reply once it arrived, so that another
+                                    process on the same cache waits for it instead of paying again
 
 A process holds an exclusive lock on its own journal; whoever opens the cache later folds the
 journals of dead processes into Parquet shards. Two processes writing one cache never share a file.
@@ -61,6 +64,8 @@ CACHE_SCHEMA = pa.schema(
 )
 _COLUMNS = CACHE_SCHEMA.names
 _COMPLETION_FIELDS = {f.name for f in fields(Completion)}
+# A lease on storage without locks lapses after this long, so a killed holder's key is called again.
+REMOTE_LEASE_TTL_S = 900.0
 
 
 def _is_hit(c: Completion) -> bool:
@@ -90,6 +95,8 @@ class GenerationCache:
         self._lock = threading.Lock()
         self._journal = None
         self._journal_path: Path | None = None
+        self._owner = uuid.uuid4().hex
+        self._lease_dirs: set[str] = set()
         self._load()
 
     # -- reading -------------------------------------------------------------------------------
@@ -109,6 +116,9 @@ class GenerationCache:
             for path in sorted(Path(self.root, "journal").glob("*.jsonl")):
                 for completion in _read_journal(path):
                     self._remember(completion)
+
+        if not self.read_only:
+            self._sweep_leases()
 
     def _shard_paths(self) -> list[str]:
         pattern = f"{self.root.rstrip('/')}/shards/*.parquet"
@@ -146,6 +156,107 @@ class GenerationCache:
 
     def __iter__(self) -> Iterator[Completion]:
         return iter(self._entries.values())
+
+    # -- leases: one call per key across processes --------------------------------------------
+    def try_lease(self, key: str) -> Lease | Completion | None:
+        """Claim the call for ``key`` across processes sharing this (local) cache.
+
+        Returns a :class:`Lease` to call under, the :class:`Completion` another process stored while
+        holding the lease (a hit: do not call), or None while another live process holds it (wait).
+        On other fsspec storage, which has no locks, a lease is a file naming its owner and an expiry
+        (:data:`REMOTE_LEASE_TTL_S`), read back after writing: best effort, as two processes writing in
+        the same instant may both win.
+        """
+        if self.read_only:
+            return Lease(None, None)
+        if not self.local:
+            return self._try_remote_lease(key)
+        folder = os.path.join(self.root, "leases", key[:2])
+        if folder not in self._lease_dirs:  # one mkdir per folder, not per call: this is the hot path
+            os.makedirs(folder, exist_ok=True)
+            self._lease_dirs.add(folder)
+        path = os.path.join(folder, key)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        body = os.pread(fd, 1 << 24, 0)
+        if body.endswith(b"\n"):
+            try:
+                done = _completion(json.loads(body))
+            except (ValueError, TypeError):
+                done = None
+            if done is not None and done.key == key and _is_hit(done):
+                os.close(fd)  # releases the lock
+                with self._lock:
+                    self._remember(done)
+                return done
+        return Lease(fd, path, stale=bool(body))
+
+    def _try_remote_lease(self, key: str) -> Lease | Completion | None:
+        path = f"{self.root.rstrip('/')}/leases/{key[:2]}/{key}.json"
+        held = self._read_remote_lease(path)
+        if isinstance(held, Completion):
+            if held.key == key and _is_hit(held):
+                with self._lock:
+                    self._remember(held)
+                return held
+        elif held is not None and held.get("owner") != self._owner and held.get("expires", 0) > time.time():
+            return None
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        claim = {"owner": self._owner, "expires": time.time() + REMOTE_LEASE_TTL_S}
+        self.fs.pipe_file(path, json.dumps(claim).encode())
+        mine = self._read_remote_lease(path)
+        if not isinstance(mine, dict) or mine.get("owner") != self._owner:
+            return None  # another process wrote after us: it calls, we wait
+        return Lease(None, None, fs=self.fs, remote_path=path)
+
+    def _read_remote_lease(self, path: str) -> dict | Completion | None:
+        try:
+            body = json.loads(self.fs.cat_file(path))
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError):
+            return None  # damaged: ignored, never trusted
+        if not isinstance(body, dict):
+            return None
+        if "owner" in body:
+            return body
+        try:
+            return _completion(body)
+        except TypeError:
+            return None
+
+    def _sweep_leases(self) -> None:
+        """Remove unlocked lease files whose reply is stored anyway (left by finished runs)."""
+        if not self.local:
+            try:
+                paths = self.fs.glob(f"{self.root.rstrip('/')}/leases/*/*.json")
+            except FileNotFoundError:
+                return
+            done = [p for p in paths if self.get(p.rsplit("/", 1)[1].removesuffix(".json")) is not None]
+            if done:
+                self.fs.rm(done)
+            return
+        folder = Path(self.root, "leases")
+        if not folder.is_dir():
+            return
+        for path in folder.glob("*/*"):
+            if self.get(path.name) is None:
+                continue
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                path.unlink(missing_ok=True)
+            except BlockingIOError:
+                pass  # in flight in a live process
+            finally:
+                os.close(fd)
 
     # -- writing -------------------------------------------------------------------------------
     def put(self, completion: Completion) -> None:
@@ -242,6 +353,55 @@ class GenerationCache:
                     self._write_shard(completions)
                 path.unlink(missing_ok=True)
                 logger.info("folded %d replies from an interrupted run's journal", len(completions))
+
+
+class Lease:
+    """The right to make one call; :meth:`release` with the completion (kept for waiters if a hit)."""
+
+    __slots__ = ("fd", "fs", "path", "remote_path", "stale")
+
+    def __init__(
+        self,
+        fd: int | None,
+        path: str | None,
+        *,
+        fs=None,
+        remote_path: str | None = None,
+        stale: bool = False,
+    ) -> None:
+        self.fd, self.path = fd, path
+        self.fs, self.remote_path = fs, remote_path
+        self.stale = stale  # the file held something (a damaged or failed record): truncate before writing
+
+    def release(self, completion: Completion | None = None) -> None:
+        if self.remote_path is not None:
+            self._release_remote(completion)
+            return
+        if self.fd is None:
+            return
+        try:
+            if completion is not None and _is_hit(completion):
+                body = (json.dumps(_row(completion), ensure_ascii=False) + "\n").encode("utf-8", "replace")
+                if self.stale:
+                    os.ftruncate(self.fd, 0)
+                os.pwrite(self.fd, body, 0)
+        except OSError as e:  # a waiter then calls itself: a cost, never a wrong answer
+            logger.debug("could not record the reply in lease %s: %s", self.path, e)
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+    def _release_remote(self, completion: Completion | None) -> None:
+        path, self.remote_path = self.remote_path, None
+        try:
+            if completion is not None and _is_hit(completion):
+                self.fs.pipe_file(
+                    path, json.dumps(_row(completion), ensure_ascii=False).encode("utf-8", "replace")
+                )
+            else:
+                self.fs.rm(path)
+        except (OSError, FileNotFoundError) as e:
+            logger.debug("could not release lease %s: %s", path, e)
 
 
 def _row(c: Completion) -> dict:

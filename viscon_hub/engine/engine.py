@@ -21,6 +21,7 @@ import logging
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -28,12 +29,14 @@ from viscon_hub.engine.backends.base import Backend, BackendError
 from viscon_hub.engine.cache import GenerationCache
 from viscon_hub.engine.prices import PriceTable
 from viscon_hub.engine.request import Completion, Request
-from viscon_hub.errors import ConfigError
+from viscon_hub.errors import ConfigError, EndpointError, redact
 
 logger = logging.getLogger(__name__)
 
 OFFLINE_MISS = "offline: not in cache"
 BUDGET_STOP = "budget: --max-cost reached"
+# More tokens than any model takes or writes in one call: a figure above it is a lie, not a bill.
+MAX_USAGE_TOKENS = 10_000_000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -50,8 +53,21 @@ class EngineConfig:
     offline: bool = False
     jitter_seed: int | None = None
     max_cost_usd: float | None = None
+    # Stop the run once more than this share of the last ``error_window`` attempts failed (rate-limit
+    # answers aside): a dead endpoint then fails within its first wave of calls, not after every retry.
+    max_error_rate: float = 0.5
+    error_window: int = 20
+    request_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            raise ConfigError(
+                f"--max-error-rate must be in [0, 1] (1 never stops); got {self.max_error_rate}"
+            )
+        if self.error_window < 1:
+            raise ConfigError(f"error_window must be >= 1; got {self.error_window}")
+        if not self.request_timeout_s > 0:
+            raise ConfigError(f"--request-timeout must be > 0 seconds; got {self.request_timeout_s}")
         if self.max_concurrency < 1:
             raise ConfigError(f"--max-concurrency must be >= 1; got {self.max_concurrency}")
         if self.max_attempts < 1:
@@ -83,6 +99,7 @@ class RunReport:
     transient_errors: int = 0
     offline_misses: int = 0
     budget_stops: int = 0
+    usage_anomalies: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
@@ -115,6 +132,7 @@ class RunReport:
             "transient_errors",
             "offline_misses",
             "budget_stops",
+            "usage_anomalies",
             "prompt_tokens",
             "completion_tokens",
             "cost_usd",
@@ -130,6 +148,20 @@ class RunReport:
         d = asdict(self)
         d["cost_usd"] = round(d["cost_usd"], 6)
         return d
+
+
+def _plausible(tokens: object) -> bool:
+    return isinstance(tokens, int) and not isinstance(tokens, bool) and 0 <= tokens <= MAX_USAGE_TOKENS
+
+
+def endpoint_of(backend: Backend | None) -> str:
+    """Where a backend sends its calls, for messages: the base URL, or ``backend:model``."""
+    if backend is None:
+        return "the cache"
+    url = getattr(backend, "base_url", None)
+    if getattr(backend, "name", None) == "openai":
+        return redact(url or "https://api.openai.com/v1")
+    return f"{getattr(backend, 'name', 'backend')}:{getattr(backend, 'model', '?')}"
 
 
 class _TokenBucket:
@@ -166,6 +198,8 @@ class Engine:
         self.prices = prices or PriceTable.load()
         self.report = RunReport()
         self._rng = random.Random(self.config.jitter_seed)
+        self._outcomes: deque[bool] = deque(maxlen=self.config.error_window)  # True: the attempt failed
+        self.last_error: str | None = None
 
     # -- planning ------------------------------------------------------------------------------
     def plan(self, requests: Sequence[Request], *, batch_prices: bool = False) -> dict:
@@ -212,9 +246,18 @@ class Engine:
         except RuntimeError:
             return asyncio.run(once())
         box: list = []
-        thread = threading.Thread(target=lambda: box.append(asyncio.run(once())))
+
+        def in_thread() -> None:
+            try:
+                box.append(asyncio.run(once()))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread below
+                box.append(e)
+
+        thread = threading.Thread(target=in_thread)
         thread.start()
         thread.join()
+        if isinstance(box[0], BaseException):
+            raise box[0]
         return box[0]
 
     async def arun(
@@ -349,6 +392,21 @@ class Engine:
         finally:
             self.cache.flush()
 
+    def _observe(self, error: BackendError | None, backend: Backend) -> None:
+        """Count one attempt; raise :class:`EndpointError` once failures pass ``max_error_rate``."""
+        if error is not None and (error.status == 429 or error.retry_after is not None):
+            return  # the server is alive and asked us to wait: not a failure of the endpoint
+        self._outcomes.append(error is not None)
+        if error is not None:
+            self.last_error = redact(error)
+        window = self._outcomes
+        if len(window) == window.maxlen and sum(window) / len(window) > self.config.max_error_rate:
+            raise EndpointError(
+                f"{endpoint_of(backend)} failed {sum(window)} of the last {len(window)} attempts "
+                f"(over --max-error-rate {self.config.max_error_rate}); last error: {self.last_error}. "
+                "Check the server and --base-url, or raise --max-error-rate"
+            )
+
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
             # The server said when; a little jitter keeps a crowd of waiters from returning at once.
@@ -364,6 +422,18 @@ class Engine:
         c.template_id, c.template_version = r.template_id, r.template_version
         c.attempts = attempts
         c.timestamp = time.time()
+        if not all(_plausible(n) for n in (c.prompt_tokens, c.completion_tokens)):
+            # The reply may still be good; its bill is not. Counted, and never summed as sent.
+            report.usage_anomalies += 1
+            logger.warning(
+                "%s: implausible usage from %s (prompt %r, completion %r); counted as 0",
+                r.key[:12],
+                r.model,
+                c.prompt_tokens,
+                c.completion_tokens,
+            )
+            c.prompt_tokens = c.prompt_tokens if _plausible(c.prompt_tokens) else 0
+            c.completion_tokens = c.completion_tokens if _plausible(c.completion_tokens) else 0
         self.cache.put(c)
         if c.ok:
             report.succeeded += 1
@@ -382,6 +452,25 @@ class Engine:
     async def _call_one(
         self, r: Request, backend: Backend, report: RunReport, batch_prices: bool = False
     ) -> Completion:
+        # Another process on this cache may have the same request in flight: wait for its reply.
+        wait = 0.05
+        while (lease := self.cache.try_lease(r.key)) is None:
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 1.0)
+        if isinstance(lease, Completion):
+            lease.from_cache = True
+            report.cache_hits += 1
+            return lease
+        c: Completion | None = None
+        try:
+            c = await self._call_leased(r, backend, report, batch_prices)
+            return c
+        finally:
+            lease.release(c)
+
+    async def _call_leased(
+        self, r: Request, backend: Backend, report: RunReport, batch_prices: bool = False
+    ) -> Completion:
         report.calls += 1
         attempt = 0
         while True:
@@ -390,6 +479,7 @@ class Engine:
             try:
                 c = await backend.complete(r)
             except BackendError as e:
+                self._observe(e, backend)
                 if e.kind == "permanent" or attempt >= self.config.max_attempts:
                     return self._finish(r, self._failure(r, e), attempt, report, batch_prices)
                 report.retries += 1
@@ -397,6 +487,7 @@ class Engine:
                 logger.debug("retrying %s in %.2fs after: %s", r.key[:12], delay, e)
                 await asyncio.sleep(delay)
                 continue
+            self._observe(None, backend)
             return self._finish(r, c, attempt, report, batch_prices)
 
     async def _call_batch(
@@ -412,6 +503,7 @@ class Engine:
             outcomes = await backend.complete_batch(pending)
             retry = []
             for r, out in zip(pending, outcomes, strict=True):
+                self._observe(out if isinstance(out, BackendError) else None, backend)
                 if isinstance(out, BackendError):
                     if out.kind == "permanent" or attempt >= self.config.max_attempts:
                         done[r.key] = self._finish(r, self._failure(r, out), attempt, report, batch_prices)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -31,8 +32,8 @@ from viscon_hub.engine import (
     parse_spec,
 )
 from viscon_hub.engine.backends.openai_batch import BatchFilesWritten
-from viscon_hub.engine.engine import BUDGET_STOP, OFFLINE_MISS
-from viscon_hub.errors import ConfigError
+from viscon_hub.engine.engine import BUDGET_STOP, OFFLINE_MISS, endpoint_of
+from viscon_hub.errors import ConfigError, EndpointError, RunFailedError
 from viscon_hub.fsutil import is_local
 from viscon_hub.generate.parsers import parse_freeform, parse_multiple_choice
 from viscon_hub.generate.prompts import PromptTemplate, context_fields, load_template
@@ -42,6 +43,7 @@ from viscon_hub.records import IMAGE_CONTEXT_SCHEMA, ImageContext
 logger = logging.getLogger(__name__)
 
 ContextMode = Literal["contextual", "non_contextual"]
+CHARS_PER_TOKEN_BOUND = 16
 CAPTION_TEMPLATES = {"contextual": "contextual_caption", "non_contextual": "non_contextual_caption"}
 
 FREEFORM_TYPE = pa.list_(pa.struct([("question", pa.string()), ("answer", pa.string())]))
@@ -175,6 +177,56 @@ def _image_store_of(folder: str, override: str | None) -> str:
     return folder.rstrip("/") + "/images"
 
 
+def check_models(*specs: str, base_url: str | None, offline: bool) -> None:
+    """Model specs, backend packages and API keys, checked before any work starts.
+
+    >>> check_models("openai:gpt-4o", "vllm:Qwen/Qwen2-VL-2B-Instruct", base_url=None, offline=True)
+    """
+    from viscon_hub.engine.backends.base import require
+
+    for spec in specs:
+        kind, _ = parse_spec(spec)
+        if offline or kind != "openai":
+            continue  # local backends load their model when they start; that is their check
+        require("openai", "openai")
+        if not (os.environ.get("OPENAI_API_KEY") or base_url or os.environ.get("OPENAI_BASE_URL")):
+            raise ConfigError(
+                f"{spec} needs an API key: export OPENAI_API_KEY=..., or pass --base-url "
+                "http://HOST:PORT/v1 for a local server, or --offline to use only the cache"
+            )
+
+
+def _check_outcome(config: GenerateConfig, stats: GenerateStats, engine: Engine, backends: list) -> None:
+    """Raise when the run produced nothing good, or its calls failed more than the engine allows."""
+    where = ", ".join(sorted({endpoint_of(b) for b in backends})) or "the cache"
+    report = engine.report
+    failed = report.permanent_errors + report.transient_errors
+    if stats.records and not stats.records_ok:
+        reasons = ", ".join(f"{k}: {v}" for k, v in stats.dropped.most_common(3))
+        if report.budget_stops:
+            fix = (
+                f"--max-cost {config.engine.max_cost_usd:g} was reached after {report.succeeded} paid "
+                "replies (they stay in the cache); raise --max-cost and run again"
+            )
+        elif report.offline_misses and not report.calls:
+            fix = (
+                "the cache holds none of these requests; run without --offline, or add --extra-cache "
+                "with a cache that holds them"
+            )
+        elif engine.last_error:
+            fix = f"last error from {where}: {engine.last_error}"
+        else:
+            fix = f"{where} answered, but every reply was dropped (reasons listed)"
+        raise RunFailedError(
+            f"no good record out of {stats.records} ({reasons}); {fix}. Stats: {config.output}/stats.json"
+        )
+    if report.calls and failed / report.calls > config.engine.max_error_rate:
+        raise EndpointError(
+            f"{failed} of {report.calls} calls to {where} failed (over --max-error-rate "
+            f"{config.engine.max_error_rate}); last error: {engine.last_error}. Stats: {config.output}/stats.json"
+        )
+
+
 def _model_name(spec: str) -> str:
     return parse_spec(spec)[1]
 
@@ -186,6 +238,16 @@ class _Stage:
         self.template = template
         self.model = _model_name(model_spec)
         self.label = f"{template.id}@{template.version}"
+        # No tokenizer writes more than this many characters per token; a longer reply is not an answer.
+        self.max_reply_chars = CHARS_PER_TOKEN_BOUND * int(template.sampling.get("max_tokens") or 512)
+
+    def reply_problem(self, c) -> str | None:
+        """``length`` (cut at the token limit) or ``too_long`` (over the stage's bound), else None."""
+        if c.finish_reason == "length":
+            return "length"
+        if len(c.reply) > self.max_reply_chars:
+            return "too_long"
+        return None
 
     def request(self, messages: list[dict[str, Any]], *, seed: int | None = None) -> Request:
         sampling = dict(self.template.sampling)
@@ -218,6 +280,8 @@ def generate(
 ) -> GenerateStats:
     """Caption every image context, then ask for both kinds of Q&A; write records and stats."""
     started = time.monotonic()
+    offline = config.engine.offline or config.dry_run
+    check_models(config.caption_model, config.qa_model, base_url=config.base_url, offline=offline)
     contexts = read_contexts(config.contexts, limit=config.limit)
     stats = GenerateStats(contexts_read=len(contexts))
     store_url = _image_store_of(config.contexts, config.image_store)
@@ -256,7 +320,13 @@ def generate(
                     "poll_interval_s": config.batch_poll_interval_s,
                     "file_only": config.batch_file_only,
                 }
-            backends[spec] = make_backend(spec, image_loader=store.get, base_url=config.base_url, **options)
+            backends[spec] = make_backend(
+                spec,
+                image_loader=store.get,
+                base_url=config.base_url,
+                timeout_s=config.engine.request_timeout_s,
+                **options,
+            )
         return backends[spec]
 
     records: list[dict[str, Any]] = []
@@ -297,6 +367,7 @@ def generate(
         stats.batch["batch_files"] = batch_files
     else:
         _write_outputs(config, records, stats, started, image_store=store_url)
+        _check_outcome(config, stats, engine, list(backends.values()))
     return stats
 
 
@@ -387,6 +458,11 @@ def _run_mode(
         if not c.ok:
             _drop(rec, _error_reason("caption", c), stats)
             continue
+        problem = caption_stage.reply_problem(c)
+        if problem:
+            # A caption cut off mid-sentence would seed Q&A about what it never said: dropped, not re-asked.
+            _drop(rec, f"caption_{problem}", stats)
+            continue
         caption = c.reply.strip()
         if not caption:
             _drop(rec, "caption_empty", stats)
@@ -455,13 +531,18 @@ def _qa(
             if not c.ok:
                 _drop(rec, _error_reason(kind, c), stats)
                 continue
-            parsed = parser(c.reply, min_rounds=config.min_rounds, max_rounds=config.max_rounds)
-            if not parsed.ok:
+            problem = stage.reply_problem(c)
+            parsed = (
+                None
+                if problem
+                else parser(c.reply, min_rounds=config.min_rounds, max_rounds=config.max_rounds)
+            )
+            if parsed is None or not parsed.ok:
                 if attempt < config.reasks:
                     retry.append(rec)
                     stats.reasks += 1
                 else:
-                    _drop(rec, f"{kind}_{parsed.reason}", stats)
+                    _drop(rec, f"{kind}_{problem or parsed.reason}", stats)
                 continue
             stats.qa_truncated_rounds += parsed.truncated
             for reason, n in (getattr(parsed, "dropped_items", None) or {}).items():

@@ -61,6 +61,7 @@ class PrepareConfig:
     split: str = "train"
     dataset_config: str | None = None
     revision: str | None = None
+    image_roots: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -80,6 +81,10 @@ class PrepareConfig:
             raise ConfigError(f"batch_size must be >= 1; got {self.batch_size}")
         if not self.output:
             raise ConfigError("--output must name a folder")
+        roots = self.image_roots
+        if isinstance(roots, str) or not all(isinstance(r, str) and r for r in roots):
+            raise ConfigError(f"image_roots (--image-root) must be a list of folders; got {roots!r}")
+        object.__setattr__(self, "image_roots", tuple(roots))
 
     @property
     def store_url(self) -> str:
@@ -163,6 +168,7 @@ def prepare(config: PrepareConfig, *, progress: Callable[[int], None] | None = N
     counter = TokenCounter(config.tokenizer)
     store = ImageStore(config.store_url) if config.fetch_images else None
     stats = PrepareStats()
+    seen: set[str] = set()
     out = _Output(config)
     try:
         rows = read_rows(
@@ -175,7 +181,9 @@ def prepare(config: PrepareConfig, *, progress: Callable[[int], None] | None = N
             revision=config.revision,
         )
         for batch in _batched(rows, config.batch_size):
-            contexts = process_batch(batch, config=config, counter=counter, stats=stats, drops=out.drops)
+            contexts = process_batch(
+                batch, config=config, counter=counter, stats=stats, drops=out.drops, seen=seen
+            )
             if store is not None:
                 contexts = _attach_images(contexts, config=config, store=store, stats=stats, drops=out.drops)
             stats.images_kept += len(contexts)
@@ -207,16 +215,33 @@ def process_batch(
     counter: TokenCounter,
     stats: PrepareStats,
     drops: _DropLog | None = None,
+    seen: set[str] | None = None,
 ) -> list[ImageContext]:
-    """Validate, token-filter and extract contexts for one batch of raw rows (no image I/O)."""
+    """Validate, token-filter and extract contexts for one batch of raw rows (no image I/O).
+
+    ``seen`` holds the ids of documents already kept: the same page (URL and content) again is a
+    ``duplicate_document`` drop, so that one id never names two rows.
+    """
     docs: list[Document] = []
     for raw in batch:
-        stats.documents_read += 1
-        doc, reason = parse_row(raw)
+        doc, reason = parse_row(raw, image_roots=config.image_roots)
+        if reason != "unreadable_file":  # a damaged file is not a document
+            stats.documents_read += 1
+        if reason is None and seen is not None:
+            if doc.id in seen:
+                reason = "duplicate_document"
+            else:
+                seen.add(doc.id)
         if reason is not None:
             stats.drop(reason)
             if drops is not None:
-                drops.add(source=raw.source, row=raw.row, reason=reason, detail=raw.error)
+                drops.add(
+                    source=raw.source,
+                    row=raw.row,
+                    reason=reason,
+                    document_id=doc.id if doc is not None else None,
+                    detail=raw.error,
+                )
             continue
         docs.append(doc)
     stats.documents_valid += len(docs)
@@ -284,7 +309,7 @@ class _DropLog:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._f = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by _Output.close
+        self._f = open(path, "w", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115 - closed by _Output.close
 
     def add(self, **entry: Any) -> None:
         entry = {k: v for k, v in entry.items() if v is not None}

@@ -12,17 +12,19 @@ counted as a drop rather than lost.
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import fsspec
 
-from viscon_hub.errors import ConfigError, SourceError
+from viscon_hub.errors import ConfigError, MissingDependencyError, SourceError, VisconError, redact
 from viscon_hub.fsutil import is_local, protocol_of
 from viscon_hub.resources import PACKAGE_DATA
 
@@ -31,6 +33,9 @@ logger = logging.getLogger(__name__)
 SAMPLE_PATH = PACKAGE_DATA / "sample" / "obelics_sample.jsonl"
 OBELICS_COLUMNS = ("images", "metadata", "general_metadata", "texts")
 _FILE_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".json", ".ndjson", ".jsonl.zst")
+_BOM = b"\xef\xbb\xbf"
+# A whole-file .json document is read into memory; larger corpora belong in JSON Lines or Parquet.
+MAX_JSON_DOCUMENT_BYTES = 256 * 1024 * 1024
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -128,6 +133,7 @@ def read_rows(
     if limit is not None and limit < 0:
         raise ConfigError(f"--limit must be >= 0; got {limit}")
     spec = resolve_source(source, split=split, config=config, revision=revision)
+    _check_codecs(spec.files)
     rows = (
         _hub_rows(spec, num_shards, shard_index)
         if spec.kind == "hub"
@@ -137,6 +143,18 @@ def read_rows(
         if limit is not None and n >= limit:
             break
         yield row
+
+
+def _check_codecs(files: Iterable[str]) -> None:
+    """A compression whose codec is missing is a setup problem, not damage: say so before reading."""
+    from fsspec.utils import infer_compression
+
+    for file in files:
+        if file.endswith(".zst") and infer_compression(file) is None:
+            raise MissingDependencyError(
+                f"{redact(file)} is zstd-compressed and the zstandard package is missing; "
+                'install it with: pip install "viscon-hub[zstd]"'
+            )
 
 
 def _file_rows(spec: SourceSpec, num_shards: int, shard_index: int) -> Iterator[RawRow]:
@@ -154,11 +172,28 @@ def _file_rows(spec: SourceSpec, num_shards: int, shard_index: int) -> Iterator[
 
 
 def _rows_of_file(file: str) -> Iterator[RawRow]:
+    """The rows of one file; a file that cannot be opened or read on is one ``unreadable_file`` row.
+
+    Rows read before the damage are kept; the error (redacted) travels in the drop log.
+    """
     base = file.rsplit("/", 1)[0] if "/" in file else "."
-    if file.endswith(".parquet"):
-        yield from _parquet_rows(file, base)
-    else:
-        yield from _jsonl_rows(file, base)
+    index = 0
+    try:
+        rows = _parquet_rows(file, base) if file.endswith(".parquet") else _json_rows(file, base)
+        for row in rows:
+            index = row.row + 1
+            yield row
+    except VisconError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any damage to one file is data about that file
+        logger.warning("unreadable file %s after %d rows: %s", redact(file), index, redact(e))
+        yield RawRow(
+            data=None,
+            source=file,
+            row=index,
+            base=base,
+            error=f"unreadable_file: {type(e).__name__}: {redact(e)}",
+        )
 
 
 def _parquet_rows(file: str, base: str) -> Iterator[RawRow]:
@@ -174,44 +209,85 @@ def _parquet_rows(file: str, base: str) -> Iterator[RawRow]:
                 index += 1
 
 
-def _jsonl_rows(file: str, base: str) -> Iterator[RawRow]:
-    with fsspec.open(file, "rt", encoding="utf-8", compression="infer") as f:
-        first = f.read(1)
-        f.seek(0)
-        if first == "[":
-            # A JSON array of rows: small files only (it is read whole).
-            try:
-                items = json.load(f)
-            except json.JSONDecodeError as e:
-                yield RawRow(data=None, source=file, row=0, base=base, error=f"invalid_json: {e}")
-                return
-            for index, data in enumerate(items):
-                yield RawRow(
-                    data=data if isinstance(data, dict) else None,
-                    source=file,
-                    row=index,
-                    base=base,
-                    error=None if isinstance(data, dict) else "not_a_mapping",
+def _json_rows(file: str, base: str) -> Iterator[RawRow]:
+    """JSON Lines, or (``.json``, or text starting with ``[``) one document or a list of them."""
+    with fsspec.open(file, "rb", compression="infer") as f:
+        head = f.read(4096)
+        if head.startswith(_BOM):
+            head = head[len(_BOM) :]
+        whole_file = head.lstrip().startswith(b"[") or _stem(file).endswith(".json")
+        if whole_file:
+            body = head + f.read(MAX_JSON_DOCUMENT_BYTES + 1 - len(head))
+            if len(body) > MAX_JSON_DOCUMENT_BYTES:
+                raise ValueError(
+                    f"a whole-file JSON document over {MAX_JSON_DOCUMENT_BYTES} bytes; "
+                    "write it as JSON Lines (one document per line) instead"
                 )
-            return
+            parsed, error = _loads(body)
+            if error is None:
+                for index, data in enumerate(parsed if isinstance(parsed, list) else [parsed]):
+                    yield _raw(data, file, index, base)
+                return
+            if body.lstrip().startswith(b"["):
+                yield RawRow(data=None, source=file, row=0, base=base, error=error)
+                return
+            lines: Iterable[bytes] = io.BytesIO(body)  # not one JSON text: JSON Lines under a .json name
+        else:
+            lines = itertools.chain(io.BytesIO(head).readlines(), f) if head else f
+            lines = _rejoin(lines)
         index = 0
-        for line in f:
+        for line in lines:
             if not line.strip():
                 continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield RawRow(data=None, source=file, row=index, base=base, error=f"invalid_json: {e.msg}")
+            data, error = _loads(line)
+            if error is not None:
+                yield RawRow(data=None, source=file, row=index, base=base, error=error)
             else:
-                ok = isinstance(data, dict)
-                yield RawRow(
-                    data=data if ok else None,
-                    source=file,
-                    row=index,
-                    base=base,
-                    error=None if ok else "not_a_mapping",
-                )
+                yield _raw(data, file, index, base)
             index += 1
+
+
+def _rejoin(lines: Iterable[bytes]) -> Iterator[bytes]:
+    """Lines of the head buffer and the rest of the stream, with the one line the buffer cut rejoined."""
+    pending = b""
+    for line in lines:
+        if not line.endswith(b"\n"):
+            pending += line
+            continue
+        yield pending + line
+        pending = b""
+    if pending:
+        yield pending
+
+
+def _stem(file: str) -> str:
+    for suffix in (".gz", ".zst", ".bz2", ".xz"):
+        if file.endswith(suffix):
+            return file[: -len(suffix)]
+    return file
+
+
+def _loads(raw: bytes) -> tuple[Any, str | None]:
+    """Decode one JSON text; ``(value, None)`` or ``(None, "reason: detail")``, never an exception."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"invalid_utf8: byte {e.start}"
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as e:
+        return None, f"invalid_json: {e.msg}"
+    except RecursionError:
+        return None, "too_deep: nested beyond what the JSON decoder allows"
+
+
+def _raw(data: Any, file: str, index: int, base: str) -> RawRow:
+    ok = isinstance(data, dict)
+    return RawRow(
+        data=data if ok else None, source=file, row=index, base=base, error=None if ok else "not_a_mapping"
+    )
 
 
 def _hub_rows(spec: SourceSpec, num_shards: int, shard_index: int) -> Iterator[RawRow]:

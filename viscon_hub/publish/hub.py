@@ -21,7 +21,8 @@ import shutil
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -66,12 +67,17 @@ class PushReport:
         return asdict(self)
 
 
-def _token(token: str | None) -> str | None:
-    if token:
-        return token
-    from huggingface_hub import get_token
+def _token(token: str | None, *, required: bool = False, what: str = "this command") -> str | None:
+    if not token:
+        from huggingface_hub import get_token
 
-    return get_token()
+        token = get_token()
+    if required and not token:
+        raise ConfigError(
+            f"{what} needs a Hugging Face token with write access: export HF_TOKEN=hf_... "
+            "(from https://huggingface.co/settings/tokens) or run `hf auth login`"
+        )
+    return token
 
 
 def _scrub(text: str, token: str | None) -> str:
@@ -81,20 +87,38 @@ def _scrub(text: str, token: str | None) -> str:
 
 
 def _retrying(
-    action: Callable[[], T], *, what: str, token: str | None, report: PushReport | None, attempts: int = 6
+    action: Callable[[], T],
+    *,
+    what: str,
+    token: str | None,
+    report: PushReport | None,
+    attempts: int = 6,
+    passthrough: tuple[type[BaseException], ...] = (),
 ) -> T:
-    """Run ``action``, retrying 429 / 5xx (honouring Retry-After) and 412; raise HubError otherwise."""
-    from huggingface_hub.errors import HfHubHTTPError
+    """Run ``action``, retrying 429 / 5xx (honouring Retry-After), 412 and lost connections.
 
+    Errors in ``passthrough`` (e.g. "revision not found", which callers expect) are raised as they
+    are; any other failure becomes one :class:`HubError` line that says what to do.
+    """
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+    # The HTTP client's own base error (httpx's HTTPError, whichever httpx the Hub client uses) also
+    # covers connection failures, which never get an HTTP status.
+    transport = tuple(b for b in HfHubHTTPError.__mro__[1:] if b.__name__ == "HTTPError")
     for attempt in range(1, attempts + 1):
         try:
             return action()
-        except HfHubHTTPError as e:
-            response = getattr(e, "response", None)
+        except passthrough:
+            raise
+        except HFValidationError as e:
+            raise ConfigError(_scrub(f"{what}: {e}", token)) from None
+        except (HfHubHTTPError, OSError, *transport) as e:
+            response = getattr(e, "response", None) if isinstance(e, HfHubHTTPError) else None
             status = getattr(response, "status_code", None)
-            retryable = status in (412, 429) or (status is not None and status >= 500)
+            lost = not isinstance(e, HfHubHTTPError) or response is None  # no answer at all
+            retryable = lost or status in (412, 429) or (status is not None and status >= 500)
             if not retryable or attempt == attempts:
-                raise HubError(_scrub(f"{what} failed (HTTP {status}): {e}", token)) from None
+                raise HubError(_hub_message(what, status, e, token)) from None
             delay = min(BACKOFF_BASE_S * 2.0 ** (attempt - 1), 30.0) * (0.5 + random.random() / 2)
             header = response.headers.get("retry-after") if response is not None else None
             if header:
@@ -104,9 +128,25 @@ def _retrying(
                     pass
             if report is not None:
                 report.retries += 1
-            logger.info("%s: HTTP %s, retrying in %.1fs", what, status, delay)
+            logger.info("%s: %s, retrying in %.1fs", what, f"HTTP {status}" if status else "no answer", delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def _hub_message(what: str, status: int | None, error: BaseException, token: str | None) -> str:
+    """One line: what failed, why, and the fix where there is an obvious one."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    if status is None:
+        fix = "no answer from the Hub; check the network and HF_ENDPOINT"
+    elif status == 401:
+        fix = "the token was refused; export HF_TOKEN=hf_... or run `hf auth login`"
+    elif status == 403:
+        fix = "the token may not write there; use a token with write access to that org"
+    elif status == 404:
+        fix = "check --repo and --revision"
+    else:
+        fix = f"HTTP {status}"
+    return _scrub(f"{what} failed: {first} ({fix})", token)
 
 
 def _git_blob_sha1(path: Path) -> str:
@@ -135,7 +175,9 @@ def _same(local: Path, remote: Any) -> bool:
 
 
 def _files(root: Path) -> dict[str, Path]:
-    return {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file() and p.name != _OWNER
+    }
 
 
 def sync_folder(
@@ -155,12 +197,18 @@ def sync_folder(
     api = HfApi(token=token)
     local = _files(folder)
     while True:
-        head = _head(api, repo, revision, token)
+        head = _head(api, repo, revision, token, report=report)
         remote = {}
         if head is not None:
-            for entry in api.list_repo_tree(
-                repo, repo_type="dataset", revision=head, recursive=True, token=token
-            ):
+            entries = _retrying(
+                lambda head=head: list(
+                    api.list_repo_tree(repo, repo_type="dataset", revision=head, recursive=True, token=token)
+                ),
+                what=f"list files of {repo}@{revision}",
+                token=token,
+                report=report,
+            )
+            for entry in entries:
                 if hasattr(entry, "blob_id"):
                     remote[entry.path] = entry
         adds = [p for p, f in local.items() if not _same(f, remote.get(p))]
@@ -205,11 +253,19 @@ def sync_folder(
             logger.info("branch %s of %s moved; recomputing the push", revision, repo)
 
 
-def _head(api: Any, repo: str, revision: str, token: str | None) -> str | None:
+def _head(
+    api: Any, repo: str, revision: str, token: str | None, *, report: PushReport | None = None
+) -> str | None:
     from huggingface_hub.errors import RevisionNotFoundError
 
     try:
-        info = api.dataset_info(repo, revision=revision, token=token)
+        info = _retrying(
+            lambda: api.dataset_info(repo, revision=revision, token=token),
+            what=f"look up {repo}@{revision}",
+            token=token,
+            report=report,
+            passthrough=(RevisionNotFoundError,),
+        )
     except RevisionNotFoundError:
         return None
     return info.sha
@@ -234,9 +290,24 @@ def _ensure_repo(
 
 
 def _check_repo_id(repo: str) -> str:
-    parts = repo.split("/")
+    """``ORG/NAME`` as the Hub spells it; anything else (``org/..``, ``org/n?x=1``) is a clear error.
+
+    >>> _check_repo_id("org/name")
+    'org/name'
+    """
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    parts = repo.split("/") if isinstance(repo, str) else []
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"--repo must be ORG/NAME; got {repo!r}")
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        raise ConfigError(
+            f"--repo must be ORG/NAME with letters, digits, '-', '_' or '.' (not starting or ending with "
+            f"'-' or '.', no '..'); got {repo!r}"
+        ) from None
     return repo
 
 
@@ -284,7 +355,7 @@ def stage_push(
         from viscon_hub.publish.exports import export
         from viscon_hub.publish.exports.idefics import idefics_data_path
 
-        with tempfile.TemporaryDirectory(prefix="viscon-export-") as tmp:
+        with _staging("viscon-export-") as tmp:
             for c in mixes:
                 if "idefics" in formats:
                     out = Path(tmp, "idefics", c)
@@ -316,6 +387,43 @@ def stage_push(
         for png in sorted(plots.glob("*.png")):
             _link(png, staging / "plots" / png.name)
     return extra_configs
+
+
+_OWNER = ".viscon-owner"
+
+
+@contextmanager
+def _staging(prefix: str) -> Iterator[str]:
+    """A temporary folder marked with this process's id; a killed run's folder is removed by the next run."""
+    _sweep_stale(prefix)
+    folder = tempfile.mkdtemp(prefix=prefix)
+    Path(folder, _OWNER).write_text(str(os.getpid()))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _sweep_stale(prefix: str) -> None:
+    """Remove ``prefix*`` folders whose owner process is gone (a push killed mid-way)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+        try:
+            pid = int((folder / _OWNER).read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or still being set up: leave it
+        if pid != os.getpid() and not _alive(pid):
+            logger.info("removing %s, left by a stopped run (pid %d)", folder, pid)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -367,9 +475,9 @@ def push(
 
     repo = _check_repo_id(repo)
     revision = revision or "main"
-    token = _token(token)
+    token = _token(token, required=not dry_run, what="viscon push")
     report = PushReport(repo=repo, revision=revision, dry_run=dry_run)
-    with tempfile.TemporaryDirectory(prefix="viscon-push-") as tmp:
+    with _staging("viscon-push-") as tmp:
         staging = Path(tmp)
         stage_push(dataset, staging, repo=repo, formats=formats)
         api = HfApi(token=token)
@@ -394,7 +502,13 @@ def _repo_missing(api: Any, repo: str, token: str | None) -> bool:
     from huggingface_hub.errors import RepositoryNotFoundError
 
     try:
-        api.dataset_info(repo, token=token)
+        _retrying(
+            lambda: api.dataset_info(repo, token=token),
+            what=f"look up {repo}",
+            token=token,
+            report=None,
+            passthrough=(RepositoryNotFoundError,),
+        )
     except RepositoryNotFoundError:
         return True
     return False
@@ -416,7 +530,7 @@ def release(
 
     tag = _tag_name(version)
     repo = _check_repo_id(repo)
-    token = _token(token)
+    token = _token(token, required=not dry_run, what="viscon release")
     api = HfApi(token=token)
     if not _repo_missing(api, repo, token):
         refs = _retrying(
@@ -478,7 +592,7 @@ def cache_push(
 
     repo = _check_repo_id(repo)
     revision = revision or "main"
-    token = _token(token)
+    token = _token(token, required=True, what="viscon cache push")
     root = Path(cache)
     if not root.is_dir():
         raise ConfigError(f"--cache {cache!r} is not a local cache folder")
@@ -487,7 +601,7 @@ def cache_push(
     report = PushReport(repo=repo, revision=revision)
     api = HfApi(token=token)
     _ensure_repo(api, repo, revision, private=private, token=token, report=report)
-    with tempfile.TemporaryDirectory(prefix="viscon-cache-") as tmp:
+    with _staging("viscon-cache-") as tmp:
         staging = Path(tmp)
         for shard in sorted(shards.glob("*.parquet")) if shards.is_dir() else []:
             _link(shard, staging / "shards" / shard.name)
@@ -514,12 +628,19 @@ def cache_pull(
     target = Path(cache) / "shards"
     target.mkdir(parents=True, exist_ok=True)
     before = {p.name for p in target.glob("*.parquet")}
-    with tempfile.TemporaryDirectory(prefix="viscon-pull-") as tmp:
+    from huggingface_hub import HfApi
+
+    # Resolve the revision first: snapshot_download quietly falls back to local files when the Hub
+    # does not answer, which would report an empty pull as a success.
+    head = _head(HfApi(token=token), repo, revision or "main", token)
+    if head is None:
+        raise ConfigError(f"{repo} has no revision {revision or 'main'!r}; check --revision")
+    with _staging("viscon-pull-") as tmp:
         folder = _retrying(
             lambda: snapshot_download(
                 repo,
                 repo_type="dataset",
-                revision=revision,
+                revision=head,
                 allow_patterns=["shards/*.parquet"],
                 local_dir=tmp,
                 token=token,

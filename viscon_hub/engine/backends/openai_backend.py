@@ -110,8 +110,14 @@ class OpenAIBackend:
                 ) from None
             kind = "permanent" if status in _PERMANENT_STATUS else "transient"
             raise BackendError(message, kind=kind, status=status) from None
-        except openai.APITimeoutError:
-            raise BackendError("timeout", kind="transient") from None
+        except openai.APITimeoutError as e:
+            # The aiohttp transport reports a refused connection as a connect timeout: say which.
+            cause = e.__cause__
+            detail = f"cannot connect: {_short(cause)}" if "connect" in type(cause).__name__.lower() else None
+            raise BackendError(
+                self._clean(detail or f"timeout after {self.timeout_s:g}s (--request-timeout)"),
+                kind="transient",
+            ) from None
         except openai.APIConnectionError as e:
             raise BackendError(self._clean(f"connection error: {_short(e)}"), kind="transient") from None
         except openai.APIResponseValidationError as e:
@@ -131,8 +137,8 @@ class OpenAIBackend:
             key=request.key,
             reply=content,
             finish_reason=choice.finish_reason,
-            prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-            completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+            prompt_tokens=_count(getattr(usage, "prompt_tokens", None)),
+            completion_tokens=_count(getattr(usage, "completion_tokens", None)),
             latency_s=latency,
         )
 
@@ -158,6 +164,22 @@ def chat_body(model: str, request: Request, image_loader: ImageLoader) -> dict[s
     body: dict[str, Any] = {"model": model, "messages": openai_messages(request, image_loader)}
     body.update({name: sampling[name] for name in _SAMPLING if name in sampling})
     return body
+
+
+def _count(value: Any) -> int:
+    """A token count as the server sent it: a whole number, 0 when absent, -1 when it is not a count.
+
+    The engine turns -1 (and any other impossible figure) into a counted usage anomaly.
+    """
+    if value is None:
+        return 0
+    if isinstance(value, bool):
+        return -1
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return -1
 
 
 def _short(e: Exception) -> str:

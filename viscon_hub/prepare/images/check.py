@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import io
+import math
 import re
 from dataclasses import dataclass
 
@@ -41,7 +42,7 @@ def inspect_image(data: bytes, *, policy: FetchPolicy) -> tuple[ImageInfo | None
     """Check ``data`` against the policy's format, size and shape limits, then decode it fully.
 
     Returns ``(info, None)`` for a usable image or ``(None, reason)``, where reason is one of
-    ``unsupported_format``, ``decompression_bomb``, ``too_small``, ``too_large_dimensions``,
+    ``unsupported_format``, ``decompression_bomb``, ``too_many_pixels``, ``too_small``, ``too_large_dimensions``,
     ``bad_aspect_ratio`` or ``decode_error``. Never raises for bad bytes.
 
     >>> inspect_image(b"not an image", policy=FetchPolicy())
@@ -73,6 +74,20 @@ def check_image(data: bytes, *, policy: FetchPolicy) -> tuple[ImageInfo | None, 
                 return _drop("too_large_dimensions", f"{width}x{height}")
             if max(width, height) > policy.max_aspect_ratio * min(width, height):
                 return _drop("bad_aspect_ratio", f"{width}x{height}")
+            if width * height > policy.max_decode_pixels:
+                if fmt != "jpeg":
+                    return _drop(
+                        "too_many_pixels",
+                        f"{width}x{height} > max_decode_pixels {policy.max_decode_pixels} (a recipe may raise it)",
+                    )
+                # Measuring needs no full-size pixels: JPEG decodes at 1/2..1/8 scale for a fraction of
+                # the memory, and a damaged stream still fails.
+                scale = math.ceil(math.sqrt(width * height / policy.max_decode_pixels))
+                img.draft("RGB", (max(1, width // scale), max(1, height // scale)))
+                img.load()
+                if img.width * img.height > policy.max_decode_pixels:
+                    return _drop("too_many_pixels", f"{width}x{height} does not decode within the budget")
+                return ImageInfo(width=width, height=height, format=fmt), None, None
             img.load()
             if img.size != (width, height):
                 return _drop("decode_error", f"size changed on decode to {img.size}")

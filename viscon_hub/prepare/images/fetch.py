@@ -23,9 +23,11 @@ import dataclasses
 import email.utils
 import http
 import logging
+import os
 import random
 import socket
 import ssl
+import stat
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -65,6 +67,7 @@ DROP_REASONS: tuple[str, ...] = (
     "unreadable_file",
     "unsupported_format",
     "decompression_bomb",
+    "too_many_pixels",
     "too_small",
     "too_large_dimensions",
     "bad_aspect_ratio",
@@ -283,13 +286,26 @@ async def _fetch_url(
 
 
 def _read_path(path: str, max_bytes: int) -> _Outcome:
+    """Read a regular file of at most ``max_bytes``; a FIFO, device or folder is refused, never waited on."""
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(max_bytes + 1)
+        # O_NONBLOCK: opening a FIFO with no writer returns at once instead of hanging the run.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     except (FileNotFoundError, NotADirectoryError):
         return _Outcome(reason="missing_file", error=f"no such file: {path}")
     except OSError as exc:
+        return _Outcome(reason="unreadable_file", error=f"{type(exc).__name__} opening {path}")
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return _Outcome(reason="unreadable_file", error=f"not a regular file: {path}")
+        if info.st_size > max_bytes:
+            return _Outcome(reason="too_large", error=f"file over max_bytes {max_bytes}")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(max_bytes + 1)
+    except OSError as exc:
         return _Outcome(reason="unreadable_file", error=f"{type(exc).__name__} reading {path}")
+    finally:
+        os.close(fd)
     if len(data) > max_bytes:
         return _Outcome(reason="too_large", error=f"file over max_bytes {max_bytes}")
     return _Outcome(data=data)
@@ -322,6 +338,7 @@ class _Batch:
         self.policy = policy
         self.store = store
         self.limiter = asyncio.Semaphore(policy.concurrency)
+        self.decoding = asyncio.Semaphore(min(policy.concurrency, policy.decode_concurrency))
         self.session: aiohttp.ClientSession | None = None
 
     async def open_session(self) -> aiohttp.ClientSession:
@@ -349,7 +366,12 @@ class _Batch:
             outcome = _Outcome(data=src.data or b"")
         elif src.kind == "path":
             assert src.path is not None
-            outcome = await asyncio.to_thread(_read_path, src.path, self.policy.max_bytes)
+            try:
+                outcome = await asyncio.wait_for(
+                    asyncio.to_thread(_read_path, src.path, self.policy.max_bytes), self.policy.timeout_s
+                )
+            except TimeoutError:
+                outcome = _Outcome(reason="timeout", error=f"no read within {self.policy.timeout_s}s")
         else:
             assert src.url is not None
             session = self.session or await self.open_session()
@@ -361,7 +383,8 @@ class _Batch:
                 status="dropped", reason=outcome.reason, error=outcome.error, attempts=attempts
             )
         else:
-            result = await asyncio.to_thread(self._keep, outcome.data, attempts)
+            async with self.decoding:  # each decode holds up to max_decode_pixels in memory
+                result = await asyncio.to_thread(self._keep, outcome.data, attempts)
         if result.reason is not None:
             logger.debug("dropped %s: %s (%s)", redact(key), result.reason, result.error)
         if src.kind != "bytes":

@@ -50,6 +50,10 @@ class FetchPolicy:
     backoff_max_s: float = 8.0
     max_bytes: int = 20_000_000
     max_pixels: int = 89_478_485
+    # Pixels one check may decode at full size (~48 MB as RGB); a larger JPEG is checked by a reduced
+    # decode, a larger image of another format is refused. ``decode_concurrency`` checks run at once.
+    max_decode_pixels: int = 16_000_000
+    decode_concurrency: int = 4
     min_side: int = 150
     max_side: int = 20_000
     max_aspect_ratio: float = 2.0
@@ -65,6 +69,8 @@ class FetchPolicy:
             ("max_attempts", 1),
             ("max_bytes", 1),
             ("max_pixels", 1),
+            ("max_decode_pixels", 1),
+            ("decode_concurrency", 1),
             ("min_side", 1),
             ("max_side", 1),
             ("max_redirects", 0),

@@ -206,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--dedup-model", default=None, help="sentence-transformers model for the question dedup")
     b.add_argument("--limit", type=_non_negative_int, default=None, help="read at most N documents")
+    b.add_argument(
+        "--max-shard-size",
+        default="500MB",
+        help="largest Parquet file per config and split, e.g. 500MB or 200KB (default 500MB, as push_to_hub)",
+    )
     b.add_argument("--no-progress", action="store_true", help="no stage lines even on a terminal")
     b.set_defaults(func=_cmd_build)
 
@@ -306,6 +311,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         "limit": args.limit,
         "reasks": args.reasks,
         "dedup": dedup,
+        "max_shard_size": args.max_shard_size,
     }
     if args.test_fraction is not None:
         values["test_fraction"] = args.test_fraction

@@ -1,7 +1,7 @@
 """Exports: one mix of a built dataset, rewritten in the format a training codebase reads.
 
-``export`` reads ``<dataset>/<config>/<split>-00000-of-00001.parquet`` a batch at a time and hands the
-rows to one format module:
+``export`` reads the shards ``<dataset>/<config>/<split>-NNNNN-of-MMMMM.parquet`` a batch at a time and
+hands the rows to one format module:
 
 =============  ==========================================================================  ===========
 format         writes (under ``output``)                                                   trainer
@@ -42,7 +42,8 @@ from viscon_hub.build.layout import (
     PER_IMAGE_CONFIGS,
     SPLITS,
     check_config,
-    data_path,
+    data_files,
+    data_glob,
 )
 from viscon_hub.errors import ConfigError
 
@@ -120,19 +121,19 @@ def _check_source(root: Path, config: str, split: str | None) -> tuple[str, ...]
             f"dataset folder {root} does not exist; expected a folder written by `viscon build`"
         )
     splits = (split,) if split else SPLITS
-    missing = [data_path(config, s) for s in splits if not (root / data_path(config, s)).is_file()]
+    missing = [data_glob(config, s) for s in splits if not data_files(root, config, s)]
     if missing:
-        found = [c for c in MIXES + NON_CONTEXTUAL_MIXES if (root / data_path(c, splits[0])).is_file()]
+        found = [c for c in MIXES + NON_CONTEXTUAL_MIXES if data_files(root, c, splits[0])]
         raise ConfigError(
             f"{root} has no {', '.join(missing)}; mixes found there: {', '.join(found) or 'none'}. "
             f"Build it with `viscon build --configs {config}` or export one of those"
         )
-    for s in splits:
-        names = set(pq.read_schema(root / data_path(config, s)).names)
+    for path in (f for s in splits for f in data_files(root, config, s)):
+        names = set(pq.read_schema(root / path).names)
         lacking = [c for c in _READ_COLUMNS if c not in names]
         if lacking:
             raise ConfigError(
-                f"{root / data_path(config, s)} is not a viscon mix: expected columns "
+                f"{root / path} is not a viscon mix: expected columns "
                 f"{', '.join(_READ_COLUMNS)}, found {', '.join(sorted(names))}"
             )
     return splits
@@ -150,10 +151,11 @@ class Source:
         self.config = config
 
     def batches(self, split: str) -> Iterator[list[dict[str, Any]]]:
-        """Lists of at most ``BATCH_ROWS`` rows (``id``, ``image``, ``messages``) in file order."""
-        with pq.ParquetFile(self.root / data_path(self.config, split)) as f:
-            for batch in f.iter_batches(batch_size=BATCH_ROWS, columns=list(_READ_COLUMNS)):
-                yield batch.to_pylist()
+        """Lists of at most ``BATCH_ROWS`` rows (``id``, ``image``, ``messages``), shard after shard."""
+        for path in data_files(self.root, self.config, split):
+            with pq.ParquetFile(self.root / path) as f:
+                for batch in f.iter_batches(batch_size=BATCH_ROWS, columns=list(_READ_COLUMNS)):
+                    yield batch.to_pylist()
 
 
 def skip_reason(row: dict[str, Any]) -> str | None:

@@ -419,7 +419,7 @@ class Merger:
         self.splits = PageSplits(test_fraction)
         templates: set[str] = set()
         usage: dict[str, dict[str, Any]] = {}
-        # Distinct reply keys: as many as the cache holds replies, never more.
+        # A reply shared by two records (the same request) is paid once.
         seen: set[str] = set()
         self.ok_records = dict.fromkeys(self.modes, 0)
         self.image_sample: list[str] = []
@@ -437,12 +437,10 @@ class Merger:
                         self.image_sample.append(r["image_sha256"])
                 for name in GENERATION_KEY_COLUMNS:
                     key = r.get(name)
-                    if not key or key in seen:
-                        continue
-                    seen.add(key)
-                    c = cache.get(key)
+                    c = cache.get(key) if key and key not in seen else None
                     if c is None:
                         continue
+                    seen.add(key)  # only keys the cache holds: never more than the cache itself
                     u = usage.setdefault(
                         c.model or "unknown",
                         {"replies": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0},
@@ -477,7 +475,7 @@ class Merger:
         for sha in self.image_sample:
             try:
                 sizes.append(len(self.store.get(sha)))
-            except (FileNotFoundError, OSError):
+            except (OSError, ConfigError):  # missing, or not a sha256: counted when rows are made
                 continue
         return int(sum(sizes) / len(sizes)) if sizes else 0
 
@@ -540,7 +538,7 @@ class Merger:
         sha = r.get("image_sha256")
         try:
             data = self.store.get(sha) if sha else None
-        except (FileNotFoundError, OSError, ValueError):
+        except (OSError, ValueError, ConfigError):  # a missing blob, or a sha256 that names none
             data = None
         if data is None:
             self.drops[f"{mode}/image_missing"] += 1

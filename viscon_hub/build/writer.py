@@ -2,7 +2,8 @@
 
 Each config and split is written as it comes, one shard at a time, to
 ``<config>/<split>-NNNNN-of-MMMMM.parquet`` (the count is known, and the names given, when the split
-is closed). A shard closes before the next row group would take it past ``max_shard_size``. A row
+is closed). A shard closes before the next row group would take it past ``max_shard_size`` (or
+after :data:`MAX_GROUPS_PER_SHARD` row groups, which only rows without big images reach). A row
 group holds at most :data:`ROW_GROUP` rows (the Hub's viewer pages through row groups; with images a
 hundred rows is a few MB) and at most a quarter of a shard's bytes. The writer keeps no timestamps
 and sizes every cut from the data alone, so two builds of the same rows give byte-identical files.
@@ -39,6 +40,9 @@ from viscon_hub.build.layout import ALL_CONFIGS, DEFAULT_MAX_SHARD_SIZE, SPLITS
 logger = logging.getLogger(__name__)
 
 ROW_GROUP = 100
+# A Parquet writer keeps every row group's metadata until the footer is written: with small rows a
+# shard also closes after this many row groups, so that memory stays bounded whatever the row count.
+MAX_GROUPS_PER_SHARD = 200
 # Text of one row, for sizing cuts before anything is encoded; images are counted by their bytes.
 ROW_TEXT_BYTES = 1024
 
@@ -115,7 +119,11 @@ class ShardWriter:
             return
         size = self.buffered_bytes[key]
         shard = self.open.get(key)
-        if shard is not None and shard.groups and shard.sink.tell() + size > self.max_shard_size:
+        if (
+            shard is not None
+            and shard.groups
+            and (shard.sink.tell() + size > self.max_shard_size or shard.groups >= MAX_GROUPS_PER_SHARD)
+        ):
             self._close_shard(key)
             shard = None
         if shard is None:

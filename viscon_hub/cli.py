@@ -186,7 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--revision", default=None, help="revision of a Hub source dataset")
     b.add_argument("--output", default="viscon", help="dataset folder (default ./viscon)")
     b.add_argument("--work-dir", default=None, help="intermediate outputs (default OUTPUT-work)")
-    b.add_argument("--configs", default="all", help="comma-separated config names, or all (default all)")
+    b.add_argument(
+        "--configs",
+        default=None,
+        help="comma-separated config names, or all (default: all for the bundled sample, contextual,leaky "
+        "with --source; each config carries its images' bytes, so each one more costs about the images again)",
+    )
     _add_generation_flags(b, quickstart_defaults=True)
     b.add_argument(
         "--offline",
@@ -301,7 +306,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         "revision": args.revision,
         "output": args.output,
         "work_dir": args.work_dir,
-        "configs": parse_configs(args.configs),
+        "configs": parse_configs(args.configs) if args.configs else None,
         "cache": args.cache,
         "extra_caches": tuple(_cache_alias(c) for c in args.extra_cache),
         "caption_model": args.caption_model,
@@ -318,9 +323,13 @@ def _cmd_build(args: argparse.Namespace) -> int:
     config = BuildConfig(**values)
     config = replace(config, engine=_engine_config(args, offline=config.offline))
     quiet = args.no_progress or not sys.stderr.isatty()
-    report = build(
-        config, progress=None if quiet else lambda stage: print(f"viscon build: {stage}", file=sys.stderr)
-    )
+
+    def progress(stage: str) -> None:
+        # The disk cost of the images ("merge: ...") is said before writing, even without a terminal.
+        if not quiet or ":" in stage:
+            print(f"viscon build: {stage}", file=sys.stderr)
+
+    report = build(config, progress=progress)
     summary = report.to_dict()
     gen = summary["stages"]["generate"]["engine"]
     print(

@@ -14,11 +14,8 @@ stage line) before anything is written.
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -31,6 +28,7 @@ from viscon_hub.build.layout import (
     BUILD_INFO,
     DEFAULT_CONFIG,
     DEFAULT_MAX_SHARD_SIZE,
+    DEFAULT_RUN_CONFIGS,
     DEFAULT_TEST_FRACTION,
     config_mix,
     config_mode,
@@ -39,7 +37,7 @@ from viscon_hub.build.layout import (
     write_minimal_readme,
 )
 from viscon_hub.build.merge import Merger, public_source
-from viscon_hub.build.writer import ShardWriter, fresh_staging, swap_in
+from viscon_hub.build.writer import ShardWriter, fresh_staging, swap_in, write_build_info
 from viscon_hub.engine import EngineConfig
 from viscon_hub.errors import ConfigError
 
@@ -54,15 +52,16 @@ class BuildConfig:
     """Everything ``viscon build`` takes.
 
     With no source and no models it is the quickstart: the bundled sample, the bundled handwritten
-    cache, offline. Naming a source or a model switches to real generation (``openai:gpt-4o`` for
-    whatever is not named), online unless ``offline``.
+    cache, offline, every config. Naming a source or a model switches to real generation
+    (``openai:gpt-4o`` for whatever is not named), online unless ``offline``, and to the configs of
+    ``DEFAULT_RUN_CONFIGS`` (``contextual`` and ``leaky``) unless ``configs`` names others.
     """
 
     source: str | None = None
     revision: str | None = None
     output: str = "viscon"
     work_dir: str | None = None
-    configs: tuple[str, ...] = ALL_CONFIGS
+    configs: tuple[str, ...] | None = None
     cache: str = "viscon-cache"
     extra_caches: tuple[str, ...] = ()
     caption_model: str | None = None
@@ -94,6 +93,8 @@ class BuildConfig:
                 object.__setattr__(self, name, "openai:gpt-4o")
         if self.offline is None:
             object.__setattr__(self, "offline", False)
+        if self.configs is None:
+            object.__setattr__(self, "configs", ALL_CONFIGS if quickstart else DEFAULT_RUN_CONFIGS)
         if not self.configs:
             raise ConfigError("--configs names no config")
         for c in self.configs:
@@ -213,7 +214,7 @@ def write_dataset(
     )
     out = Path(output)
     try:
-        note = image_cost(merger, configs)
+        note = merger.image_cost(configs)
         logger.info("%s", note)
         if progress is not None:
             progress(f"merge: {note}")
@@ -240,7 +241,7 @@ def write_dataset(
     configs = tuple(c for c in configs if c not in empty)
 
     report = BuildReport(
-        output=str(out), rows=writer.counts, dropped=_nest(merger.drops), dedup=merger.dedup_info
+        output=str(out), rows=writer.counts, dropped=merger.dropped(), dedup=merger.dedup_info
     )
     gen_stats = merger.generation_stats
     info = {
@@ -263,47 +264,9 @@ def write_dataset(
         "templates": merger.templates,
         "usage": merger.usage,
     }
-    (out / BUILD_INFO).write_text(json.dumps(_stable(info), indent=2, sort_keys=True) + "\n")
+    write_build_info(out / BUILD_INFO, info)
     write_minimal_readme(out, configs)
     return report
-
-
-def image_cost(merger: Merger, configs: tuple[str, ...]) -> str:
-    """One line on what the images will cost on disk: every config carries the bytes of its rows.
-
-    Estimated from the records (ok records per mode) and the mean size of a sample of stored images.
-    """
-    mean = merger.image_bytes_estimate()
-    images = sum(merger.ok_records.get(m, 0) for m in {config_mode(c) for c in configs})
-    once = images * mean
-    copies = sum(
-        merger.ok_records.get(config_mode(c), 0) * (2 if config_mix(c) == "split" else 1) for c in configs
-    )
-    total = copies * mean
-    ratio = total / once if once else 0.0
-    return (
-        f"{len(configs)} configs carry image bytes: about {total / 1e6:.1f} MB of images "
-        f"({ratio:.1f}x the {once / 1e6:.1f} MB of {images} images once); "
-        "--configs leaky,contextual keeps two copies"
-    )
-
-
-def _stable(info: dict[str, Any]) -> dict[str, Any]:
-    """Keep only figures of the data, not of the run (timings, calls vs cache hits): a cold and a warm
-    build of the same records write the same file. What a run called is in its own report."""
-    info = copy.deepcopy(info)
-    for d in (info.get("dedup") or {}).values():
-        if isinstance(d, dict) and isinstance(d.get("engine"), dict):
-            d["engine"] = {k: d["engine"][k] for k in ("requests", "unique") if k in d["engine"]}
-    return info
-
-
-def _nest(counter: Counter[str]) -> dict[str, dict[str, int]]:
-    out: dict[str, dict[str, int]] = {}
-    for key, n in sorted(counter.items()):
-        where, reason = key.split("/", 1)
-        out.setdefault(where, {})[reason] = n
-    return out
 
 
 __all__ = ["BuildConfig", "BuildReport", "build", "write_dataset"]

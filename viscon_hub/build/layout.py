@@ -35,6 +35,10 @@ MIXES = ("captions_only", "qa_only", "leaky", "split")
 NON_CONTEXTUAL_MIXES = tuple(f"non_contextual_{m}" for m in MIXES)
 ALL_CONFIGS = PER_IMAGE_CONFIGS + MIXES + NON_CONTEXTUAL_MIXES
 DEFAULT_CONFIG = "leaky"
+# What ``viscon build --source ...`` writes unless --configs says otherwise: the training mix and the
+# per-image record that the card's statistics read. Every config carries its images' bytes (so each
+# loads alone); each config more costs about the image bytes again on disk.
+DEFAULT_RUN_CONFIGS = ("contextual", "leaky")
 SPLITS = ("train", "test")
 BUILD_INFO = "viscon_build.json"
 DEFAULT_TEST_FRACTION = 0.02
@@ -257,6 +261,7 @@ __all__ = [
     "BUILD_INFO",
     "DEFAULT_CONFIG",
     "DEFAULT_MAX_SHARD_SIZE",
+    "DEFAULT_RUN_CONFIGS",
     "DEFAULT_TEST_FRACTION",
     "MIXES",
     "NON_CONTEXTUAL_MIXES",

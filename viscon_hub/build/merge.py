@@ -479,6 +479,32 @@ class Merger:
                 continue
         return int(sum(sizes) / len(sizes)) if sizes else 0
 
+    def image_cost(self, configs: tuple[str, ...]) -> str:
+        """One line on what the images will cost on disk, said before anything is written.
+
+        Every config carries the bytes of its rows' images; ``split`` shows each twice, but Parquet's
+        dictionary encoding stores a repeat within a row group once. Estimated from the ok records
+        per mode and the mean size of a sample of stored images.
+        """
+        mean = self.image_bytes_estimate()
+        images = sum(self.ok_records.get(m, 0) for m in {config_mode(c) for c in configs})
+        once = images * mean
+        total = sum(self.ok_records.get(config_mode(c), 0) for c in configs) * mean
+        ratio = total / once if once else 0.0
+        return (
+            f"{len(configs)} configs carry image bytes: about {total / 1e6:.1f} MB of images on disk "
+            f"({ratio:.1f}x the {once / 1e6:.1f} MB of {images} images once); each config costs about that "
+            "again (--configs contextual,leaky is the default of a real run)"
+        )
+
+    def dropped(self) -> dict[str, dict[str, int]]:
+        """:attr:`drops` as {where: {reason: count}}, sorted."""
+        out: dict[str, dict[str, int]] = {}
+        for key, n in sorted(self.drops.items()):
+            where, reason = key.split("/", 1)
+            out.setdefault(where, {})[reason] = n
+        return out
+
     def split_of(self, record: dict[str, Any]) -> str:
         return self.splits.split(page_key(record))
 

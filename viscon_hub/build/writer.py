@@ -26,6 +26,8 @@ two configs, or in two builds, become identical pages that the Hub's Xet storage
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import shutil
 from collections.abc import Callable, Iterable
@@ -43,6 +45,8 @@ ROW_GROUP = 100
 # A Parquet writer keeps every row group's metadata until the footer is written: with small rows a
 # shard also closes after this many row groups, so that memory stays bounded whatever the row count.
 MAX_GROUPS_PER_SHARD = 200
+# Pages cut by content so that Xet storage on the Hub keeps an image shared by configs once.
+CONTENT_DEFINED_CHUNKING = True
 # Text of one row, for sizing cuts before anything is encoded; images are counted by their bytes.
 ROW_TEXT_BYTES = 1024
 
@@ -82,7 +86,7 @@ class ShardWriter:
         max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
         row_group: int = ROW_GROUP,
         row_bytes: Callable[[dict[str, Any]], int] = image_row_bytes,
-        content_defined_chunking: bool = True,
+        content_defined_chunking: bool | None = None,
     ) -> None:
         self.root = Path(root)
         self.schemas = schemas
@@ -90,7 +94,7 @@ class ShardWriter:
         self.row_group = row_group
         self.group_bytes = max(1, max_shard_size // 4)
         self.row_bytes = row_bytes
-        self.cdc = content_defined_chunking
+        self.cdc = CONTENT_DEFINED_CHUNKING if content_defined_chunking is None else content_defined_chunking
         keys = [(c, s) for c in schemas for s in SPLITS]
         self.buffers: dict[tuple[str, str], list[dict[str, Any]]] = {k: [] for k in keys}
         self.buffered_bytes: dict[tuple[str, str], int] = dict.fromkeys(keys, 0)
@@ -175,6 +179,17 @@ class ShardWriter:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def write_build_info(path: Path, info: dict[str, Any]) -> None:
+    """``viscon_build.json`` with only figures of the data, not of the run (timings, calls vs cache
+    hits): a cold and a warm build of the same records write the same file. What a run called is in
+    its own report."""
+    info = copy.deepcopy(info)
+    for d in (info.get("dedup") or {}).values():
+        if isinstance(d, dict) and isinstance(d.get("engine"), dict):
+            d["engine"] = {k: d["engine"][k] for k in ("requests", "unique") if k in d["engine"]}
+    Path(path).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
 def fresh_staging(out: Path) -> Path:
     """An empty ``.staging`` folder inside ``out`` (what an interrupted build left there is removed)."""
     staging = Path(out) / ".staging"
@@ -197,4 +212,4 @@ def swap_in(staging: Path, out: Path, configs: Iterable[str]) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
-__all__ = ["ROW_GROUP", "ShardWriter", "fresh_staging", "image_row_bytes", "swap_in"]
+__all__ = ["ROW_GROUP", "ShardWriter", "fresh_staging", "image_row_bytes", "swap_in", "write_build_info"]

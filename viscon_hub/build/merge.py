@@ -487,14 +487,15 @@ class Merger:
         per mode and the mean size of a sample of stored images.
         """
         mean = self.image_bytes_estimate()
-        images = sum(self.ok_records.get(m, 0) for m in {config_mode(c) for c in configs})
+        # Both modes are made from the same image contexts: the larger one stands for the images.
+        images = max(self.ok_records.get(config_mode(c), 0) for c in configs)
         once = images * mean
         total = sum(self.ok_records.get(config_mode(c), 0) for c in configs) * mean
         ratio = total / once if once else 0.0
         return (
             f"{len(configs)} configs carry image bytes: about {total / 1e6:.1f} MB of images on disk "
-            f"({ratio:.1f}x the {once / 1e6:.1f} MB of {images} images once); each config costs about that "
-            "again (--configs contextual,leaky is the default of a real run)"
+            f"({ratio:.1f}x the {once / 1e6:.1f} MB of {images} images once): each config costs the images "
+            "again (a real run builds --configs contextual,leaky unless told otherwise)"
         )
 
     def dropped(self) -> dict[str, dict[str, int]]:

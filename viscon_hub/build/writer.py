@@ -8,8 +8,8 @@ group holds at most :data:`ROW_GROUP` rows (the Hub's viewer pages through row g
 hundred rows is a few MB) and at most a quarter of a shard's bytes. The writer keeps no timestamps
 and sizes every cut from the data alone, so two builds of the same rows give byte-identical files.
 
-Pages are cut by content (pyarrow's ``use_content_defined_chunking``), so the same image bytes in
-two configs, or in two builds, become identical pages that the Hub's Xet storage keeps once.
+Pages are cut by content (pyarrow's ``use_content_defined_chunking``), so that a rebuild with a few
+rows changed keeps its other pages byte for byte and the Hub's Xet storage uploads only what changed.
 
 >>> import random, tempfile, pyarrow as pa
 >>> from pathlib import Path
@@ -45,7 +45,7 @@ ROW_GROUP = 100
 # A Parquet writer keeps every row group's metadata until the footer is written: with small rows a
 # shard also closes after this many row groups, so that memory stays bounded whatever the row count.
 MAX_GROUPS_PER_SHARD = 200
-# Pages cut by content so that Xet storage on the Hub keeps an image shared by configs once.
+# Pages cut by content, so that a rebuild pushed again shares its unchanged pages on the Hub.
 CONTENT_DEFINED_CHUNKING = True
 # Text of one row, for sizing cuts before anything is encoded; images are counted by their bytes.
 ROW_TEXT_BYTES = 1024

@@ -199,8 +199,27 @@ PER_IMAGE_KEYS = tuple(
         *GENERATION_TEMPLATE_COLUMNS,
     }
 )
-# What the mixes read: everything but the page text, which only the per-image configs show.
-MIX_COLUMNS = tuple(c for c in GENERATION_COLUMNS if c not in GENERATION_PAGE_COLUMNS)
+# What the mixes read: the page, the mode and status, the caption and Q&A, the image; never the
+# page text, which only the per-image configs show.
+MIX_COLUMNS = tuple(
+    c
+    for c in GENERATION_COLUMNS
+    if c
+    in {
+        "id",
+        "document_id",
+        "page_url",
+        "context_mode",
+        "status",
+        "drop_reason",
+        "caption",
+        "qa_freeform",
+        "qa_multiple_choice",
+        "image_sha256",
+        "image_format",
+    }
+)
+assert not set(MIX_COLUMNS) & set(GENERATION_PAGE_COLUMNS)
 # What the first pass reads: pages for the splits, templates and cache keys for the card and costs.
 SCAN_COLUMNS = tuple(
     c

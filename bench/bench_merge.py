@@ -34,9 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from viscon_hub.build import driver as build_module  # noqa: E402
+from viscon_hub.build import merge as merge_module  # noqa: E402
 from viscon_hub.build.dedup import DedupResult  # noqa: E402
-from viscon_hub.generate.stages import GENERATION_SCHEMA  # noqa: E402
 from viscon_hub.prepare.images import ImageStore  # noqa: E402
+from viscon_hub.records import GENERATION_SCHEMA  # noqa: E402
 
 
 def make_records(n: int, root: Path) -> tuple[Path, Path]:
@@ -157,7 +158,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    build_module.dedup_questions = keep_all  # dedup has its own benchmark
+    merge_module.dedup_questions = keep_all  # dedup has its own benchmark
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         gen, jsonl = make_records(args.records, root)

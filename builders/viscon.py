@@ -24,7 +24,6 @@ import datasets
 
 from viscon_hub import __version__
 from viscon_hub.build.dedup import DedupConfig
-from viscon_hub.build.driver import Merger
 from viscon_hub.build.layout import (
     ALL_CONFIGS,
     DEFAULT_CONFIG,
@@ -33,6 +32,7 @@ from viscon_hub.build.layout import (
     config_mode,
     features_for,
 )
+from viscon_hub.build.merge import Merger
 
 _DESCRIPTIONS = {
     "contextual": "one row per image with its web context and everything generated for it with that context",
@@ -98,6 +98,10 @@ class VisconBuilder(datasets.GeneratorBasedBuilder):
         ]
 
     def _merger(self) -> Merger:
+        """The merger of this build: made on first use, shared by every split."""
+        merger = getattr(self, "_viscon_merger", None)
+        if merger is not None:
+            return merger
         dedup = DedupConfig()
         changes = {}
         if self.config.dedup_model:
@@ -108,7 +112,7 @@ class VisconBuilder(datasets.GeneratorBasedBuilder):
             from dataclasses import replace
 
             dedup = replace(dedup, **changes)
-        return Merger(
+        self._viscon_merger = Merger(
             generations=self.config.generations,
             modes=(config_mode(self.config.name),),
             cache=self.config.cache,
@@ -117,12 +121,17 @@ class VisconBuilder(datasets.GeneratorBasedBuilder):
             dedup=dedup,
             cache_only=True,
             image_store=self.config.image_store,
+            per_image=config_mix(self.config.name) is None,
         )
+        return self._viscon_merger
 
     def _generate_examples(self, split: str):
         merger = self._merger()
-        for _config, row_split, rows in merger.iter_rows((self.config.name,)):
-            if row_split != split:
-                continue
-            for row in rows:
-                yield row["id"], row
+        try:
+            for _config, row_split, rows in merger.iter_rows((self.config.name,)):
+                if row_split != split:
+                    continue
+                for row in rows:
+                    yield row["id"], row
+        finally:
+            merger.close()  # the cache reopens if the next split needs it

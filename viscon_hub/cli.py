@@ -247,7 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--revision", default=None, help="revision of a Hub source dataset")
     b.add_argument("--output", default="viscon", help="dataset folder (default ./viscon)")
     b.add_argument("--work-dir", default=None, help="intermediate outputs (default OUTPUT-work)")
-    b.add_argument("--configs", default="all", help="comma-separated config names, or all (default all)")
+    b.add_argument(
+        "--configs",
+        default=None,
+        help="comma-separated config names, or all (default: all for the bundled sample, contextual,leaky "
+        "with --source; each config carries its images' bytes, so each one more costs about the images again)",
+    )
     _add_generation_flags(b, quickstart_defaults=True)
     b.add_argument(
         "--offline",
@@ -267,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--dedup-model", default=None, help="sentence-transformers model for the question dedup")
     b.add_argument("--limit", type=_non_negative_int, default=None, help="read at most N documents")
+    b.add_argument(
+        "--max-shard-size",
+        default="500MB",
+        help="largest Parquet file per config and split, e.g. 500MB or 200KB (default 500MB, as push_to_hub)",
+    )
     b.add_argument("--no-progress", action="store_true", help="no stage lines even on a terminal")
     b.set_defaults(func=_cmd_build)
 
@@ -362,7 +372,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         "revision": args.revision,
         "output": args.output,
         "work_dir": args.work_dir,
-        "configs": parse_configs(args.configs),
+        "configs": parse_configs(args.configs) if args.configs else None,
         "cache": args.cache,
         "extra_caches": tuple(_cache_alias(c) for c in args.extra_cache),
         "caption_model": args.caption_model,
@@ -372,15 +382,20 @@ def _cmd_build(args: argparse.Namespace) -> int:
         "limit": args.limit,
         "reasks": args.reasks,
         "dedup": dedup,
+        "max_shard_size": args.max_shard_size,
     }
     if args.test_fraction is not None:
         values["test_fraction"] = args.test_fraction
     config = BuildConfig(**values)
     config = replace(config, engine=_engine_config(args, offline=config.offline))
     quiet = args.no_progress or not sys.stderr.isatty()
-    report = build(
-        config, progress=None if quiet else lambda stage: print(f"viscon build: {stage}", file=sys.stderr)
-    )
+
+    def progress(stage: str) -> None:
+        # The disk cost of the images ("merge: ...") is said before writing, even without a terminal.
+        if not quiet or ":" in stage:
+            print(f"viscon build: {stage}", file=sys.stderr)
+
+    report = build(config, progress=progress)
     summary = report.to_dict()
     gen = summary["stages"]["generate"]["engine"]
     print(

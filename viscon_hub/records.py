@@ -2,7 +2,8 @@
 
 A :class:`Document` is one validated OBELICS-shaped web document. An :class:`ImageContext` is one
 image of a kept document with its web context; later stages add fields to it, they do not invent a
-parallel shape.
+parallel shape: a :class:`Generation` is an ``ImageContext`` plus what ``viscon generate`` made of it,
+and every column list of the build, merge, statistics and card derives from its schema.
 
 >>> src = ImageSource(url="https://example.org/a.jpg")
 >>> src.kind
@@ -162,3 +163,102 @@ def document_to_row(doc: Document) -> dict[str, Any]:
         "row": doc.row,
         "text_tokens": doc.text_tokens,
     }
+
+
+QA_FREEFORM_TYPE = pa.list_(pa.struct([("question", pa.string()), ("answer", pa.string())]))
+QA_MULTIPLE_CHOICE_TYPE = pa.list_(
+    pa.struct([("question", pa.string()), ("options", pa.list_(pa.string())), ("answer", pa.string())])
+)
+
+
+@dataclass(slots=True, kw_only=True)
+class Generation(ImageContext):
+    """What ``viscon generate`` made of one :class:`ImageContext` in one context mode.
+
+    The image's bytes stay in the image store (``image_sha256`` names them), so a record is its
+    context plus: the mode, whether it survived (``status`` ``ok`` or ``dropped`` with a
+    ``drop_reason``), the caption, the Q&A, the prompt templates and the cache keys of the replies.
+    One row of ``generations/records.parquet``; :data:`GENERATION_SCHEMA` is its Arrow schema.
+
+    >>> g = Generation(id="d-0", document_id="d", image_index=0, page_url=None, image_url=None,
+    ...                image_path=None, image_bytes=None, alt_text=None, context="", context_tokens=0,
+    ...                context_mode="contextual", status="ok", caption="A mug.")
+    >>> row = g.to_row(); "image_bytes" in row, row["caption"], Generation.from_row(row) == g
+    (False, 'A mug.', True)
+    """
+
+    context_mode: str
+    status: str
+    drop_reason: str | None = None
+    caption: str | None = None
+    caption_model: str | None = None
+    caption_template: str | None = None
+    caption_key: str | None = None
+    qa_model: str | None = None
+    qa_freeform: list[dict[str, Any]] | None = None
+    qa_freeform_template: str | None = None
+    qa_freeform_key: str | None = None
+    qa_multiple_choice: list[dict[str, Any]] | None = None
+    qa_multiple_choice_template: str | None = None
+    qa_multiple_choice_key: str | None = None
+
+    def to_row(self) -> dict[str, Any]:
+        row = {name: getattr(self, name) for name in GENERATION_SCHEMA.names if name != "provenance"}
+        row["provenance"] = json.dumps(self.provenance, sort_keys=True, ensure_ascii=False)
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Generation:
+        values = {k: v for k, v in row.items() if k in GENERATION_SCHEMA.names}
+        values["provenance"] = json.loads(values.get("provenance") or "{}")
+        return cls(image_bytes=None, **values)
+
+
+GENERATION_SCHEMA = pa.schema(
+    [f for f in IMAGE_CONTEXT_SCHEMA if f.name != "image_bytes"]
+    + [
+        pa.field("context_mode", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("drop_reason", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("caption_model", pa.string()),
+        pa.field("caption_template", pa.string()),
+        pa.field("caption_key", pa.string()),
+        pa.field("qa_model", pa.string()),
+        pa.field("qa_freeform", QA_FREEFORM_TYPE),
+        pa.field("qa_freeform_template", pa.string()),
+        pa.field("qa_freeform_key", pa.string()),
+        pa.field("qa_multiple_choice", QA_MULTIPLE_CHOICE_TYPE),
+        pa.field("qa_multiple_choice_template", pa.string()),
+        pa.field("qa_multiple_choice_key", pa.string()),
+    ]
+)
+
+# Column groups of a generation record, named once for every reader of records.parquet.
+GENERATION_TEMPLATE_COLUMNS = ("caption_template", "qa_freeform_template", "qa_multiple_choice_template")
+GENERATION_KEY_COLUMNS = ("caption_key", "qa_freeform_key", "qa_multiple_choice_key")
+# The page text and its provenance: only the per-image configs show them.
+GENERATION_PAGE_COLUMNS = (
+    "context",
+    "context_tokens",
+    "alt_text",
+    "image_url",
+    "image_path",
+    "source",
+    "row",
+)
+GENERATION_COLUMNS = tuple(GENERATION_SCHEMA.names)
+
+
+def _check_generation_schema() -> None:
+    # The dataclass and the schema name the same fields (image_bytes aside): one definition each.
+    import dataclasses
+
+    fields = [f.name for f in dataclasses.fields(Generation) if f.name != "image_bytes"]
+    if sorted(fields) != sorted(GENERATION_COLUMNS):
+        raise AssertionError(
+            f"Generation fields and GENERATION_SCHEMA differ: {fields} vs {GENERATION_COLUMNS}"
+        )
+
+
+_check_generation_schema()

@@ -25,6 +25,7 @@ def test_quickstart_config_defaults():
     assert any("data/cache" in c for c in cfg.extra_caches)
     real = BuildConfig(source="docs.jsonl")
     assert not real.offline and real.caption_model == "openai:gpt-4o" and real.extra_caches == ()
+    assert real.configs == ("contextual", "leaky") and len(cfg.configs) == 10
     assert BuildConfig(source="docs.jsonl", offline=True).offline
     with pytest.raises(ConfigError):
         BuildConfig(configs=("leaky", "bogus"))

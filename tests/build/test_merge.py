@@ -58,8 +58,8 @@ def test_configs_metadata_marks_leaky_default():
     assert [m["config_name"] for m in meta] == ["contextual", "leaky"]
     assert [m.get("default", False) for m in meta] == [False, True]
     assert meta[1]["data_files"] == [
-        {"split": "train", "path": "leaky/train-00000-of-00001.parquet"},
-        {"split": "test", "path": "leaky/test-00000-of-00001.parquet"},
+        {"split": "train", "path": "leaky/train-*.parquet"},
+        {"split": "test", "path": "leaky/test-*.parquet"},
     ]
     assert configs_metadata(["qa_only"])[0]["default"] is True
 

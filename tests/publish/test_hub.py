@@ -134,6 +134,7 @@ def test_cache_round_trip_rebuilds_with_zero_calls(hub_server, quickstart_build,
         config = BuildConfig(
             caption_model="openai:handwritten-example",
             qa_model="openai:handwritten-example",
+            configs=ALL_CONFIGS,  # naming models makes a real run, whose default is contextual,leaky
             offline=True,
             cache=cache,
             extra_caches=extra,

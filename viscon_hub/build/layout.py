@@ -7,20 +7,24 @@ A built folder (default ``./viscon``) holds::
 
     README.md                           front matter ``configs:`` (leaky is the default)
     viscon_build.json                   provenance and counts of the build (see BUILD_INFO)
-    <config>/<split>-00000-of-00001.parquet
+    <config>/<split>-NNNNN-of-MMMMM.parquet   shards of at most --max-shard-size (default 500MB)
 
 >>> config_mode("non_contextual_leaky"), config_mix("non_contextual_leaky")
 ('non_contextual', 'leaky')
 >>> config_mix("contextual") is None
 True
->>> data_path("leaky", "test")
-'leaky/test-00000-of-00001.parquet'
+>>> data_path("leaky", "test"), data_path("leaky", "train", 2, 3)
+('leaky/test-00000-of-00001.parquet', 'leaky/train-00002-of-00003.parquet')
+>>> parse_size("200KB"), parse_size("500MB"), parse_size("1.5GiB")
+(200000, 500000000, 1610612736)
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Literal
 
 from viscon_hub.errors import ConfigError
@@ -31,9 +35,15 @@ MIXES = ("captions_only", "qa_only", "leaky", "split")
 NON_CONTEXTUAL_MIXES = tuple(f"non_contextual_{m}" for m in MIXES)
 ALL_CONFIGS = PER_IMAGE_CONFIGS + MIXES + NON_CONTEXTUAL_MIXES
 DEFAULT_CONFIG = "leaky"
+# What ``viscon build --source ...`` writes unless --configs says otherwise: the training mix and the
+# per-image record that the card's statistics read. Every config carries its images' bytes (so each
+# loads alone); each config more costs about the image bytes again on disk.
+DEFAULT_RUN_CONFIGS = ("contextual", "leaky")
 SPLITS = ("train", "test")
 BUILD_INFO = "viscon_build.json"
 DEFAULT_TEST_FRACTION = 0.02
+DEFAULT_MAX_SHARD_SIZE = 500_000_000  # as ``datasets.push_to_hub``
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 ROUND_TYPES = ("caption", "freeform", "multiple_choice")
 
 
@@ -71,11 +81,54 @@ def parse_configs(spec: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(c for c in ALL_CONFIGS if c in names)
 
 
-def data_path(config: str, split: str) -> str:
-    """A config's Parquet file for a split, relative to the dataset folder."""
+def data_path(config: str, split: str, index: int = 0, count: int = 1) -> str:
+    """Shard ``index`` of ``count`` of a config's split, relative to the dataset folder."""
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    return f"{check_config(config)}/{split}-00000-of-00001.parquet"
+    if not 0 <= index < count:
+        raise ConfigError(f"shard {index} of {count} does not exist")
+    return f"{check_config(config)}/{split}-{index:05d}-of-{count:05d}.parquet"
+
+
+def data_glob(config: str, split: str) -> str:
+    """The pattern every shard of a config's split matches (what the README front matter declares)."""
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    return f"{check_config(config)}/{split}-*.parquet"
+
+
+_SHARD = re.compile(r"^(?P<split>[a-z]+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.parquet$")
+
+
+def data_files(folder, config: str, split: str) -> list[str]:
+    """The shards of a config's split that exist under ``folder``, relative paths in shard order."""
+    base = Path(folder, check_config(config))
+    if not base.is_dir():
+        return []
+    found = []
+    for p in base.iterdir():
+        m = _SHARD.match(p.name)
+        if m and m["split"] == split and p.is_file():
+            found.append(f"{config}/{p.name}")
+    return sorted(found)
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes of a size such as ``500MB``, ``200KB``, ``1GiB`` or a plain number of bytes (> 0)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+        unit = m[2].upper() if m else None
+        if m is None or unit not in _SIZE_UNITS:
+            raise ConfigError(
+                f"cannot read the size {value!r}; expected a number with an optional unit "
+                f"({', '.join(u for u in _SIZE_UNITS if u)}), e.g. 500MB or 200KB"
+            )
+        n = int(float(m[1]) * _SIZE_UNITS[unit])
+    if n <= 0:
+        raise ConfigError(f"a shard size must be above 0 bytes; got {value!r}")
+    return n
 
 
 def split_score(page_url: str | None, document_id: str) -> float:
@@ -161,16 +214,14 @@ def features_for(config: str):
 
 
 def configs_metadata(configs: Iterable[str], folder=None) -> list[dict]:
-    """The ``configs:`` front matter of a built folder: data files per split, ``leaky`` the default.
+    """The ``configs:`` front matter of a built folder: a glob of shards per split, ``leaky`` the default.
 
-    With ``folder``, a split is listed only when its file is there: ``datasets`` cannot load a split
-    without rows, so the build writes no file for one.
+    With ``folder``, a split is listed only when it has shards there: ``datasets`` cannot load a
+    split without rows, so the build writes no file for one.
 
-    >>> configs_metadata(["leaky"])[0]["default"]
-    True
+    >>> configs_metadata(["leaky"])[0]["data_files"][0]
+    {'split': 'train', 'path': 'leaky/train-*.parquet'}
     """
-    from pathlib import Path
-
     configs = [check_config(c) for c in configs]
     default = DEFAULT_CONFIG if DEFAULT_CONFIG in configs else configs[0]
     out = []
@@ -178,9 +229,9 @@ def configs_metadata(configs: Iterable[str], folder=None) -> list[dict]:
         entry: dict = {
             "config_name": c,
             "data_files": [
-                {"split": s, "path": data_path(c, s)}
+                {"split": s, "path": data_glob(c, s)}
                 for s in SPLITS
-                if folder is None or Path(folder, data_path(c, s)).is_file()
+                if folder is None or data_files(folder, c, s)
             ],
         }
         if c == default:
@@ -194,8 +245,6 @@ def write_minimal_readme(folder, configs: Iterable[str]) -> None:
 
     ``viscon card`` replaces it with the full card (same ``configs:``).
     """
-    from pathlib import Path
-
     from huggingface_hub import DatasetCard, DatasetCardData
 
     data = DatasetCardData(configs=configs_metadata(configs, folder), tags=["viscon-hub"])
@@ -211,6 +260,8 @@ __all__ = [
     "ALL_CONFIGS",
     "BUILD_INFO",
     "DEFAULT_CONFIG",
+    "DEFAULT_MAX_SHARD_SIZE",
+    "DEFAULT_RUN_CONFIGS",
     "DEFAULT_TEST_FRACTION",
     "MIXES",
     "NON_CONTEXTUAL_MIXES",
@@ -222,10 +273,13 @@ __all__ = [
     "config_mix",
     "config_mode",
     "configs_metadata",
+    "data_files",
+    "data_glob",
     "data_path",
     "features_for",
     "mix_features",
     "parse_configs",
+    "parse_size",
     "per_image_features",
     "split_score",
     "write_minimal_readme",

@@ -1,5 +1,10 @@
 """Generation records -> rows of every config: per-image rows and the conversation mixes.
 
+:class:`Merger` is the whole merge stage: it streams ``generations/records.parquet`` in batches,
+deduplicates each image's questions (embeddings through the engine cache), assigns every page to a
+split by the hash of its URL, and yields the rows of each config as it goes; memory does not grow
+with the number of records. ``build.writer`` writes what it yields; ``build.driver`` wires the two.
+
 The caption round gets a user turn drawn from ``configs/conversations.yaml`` (plus, in contextual
 mixes, an instruction to bring in the context); Q&A rounds are shuffled; a multiple-choice round
 shows the question and options A-D and asks for the letter. Every random choice is seeded from the
@@ -19,17 +24,32 @@ sample id and the purpose of the draw, so two builds give identical data and ``l
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
 
-from viscon_hub.build.layout import MIXES
+from viscon_hub.build.dedup import DedupConfig, dedup_questions
+from viscon_hub.build.layout import DEFAULT_TEST_FRACTION, MIXES, config_mix, config_mode
 from viscon_hub.errors import ConfigError
+from viscon_hub.records import (
+    GENERATION_COLUMNS,
+    GENERATION_KEY_COLUMNS,
+    GENERATION_PAGE_COLUMNS,
+    GENERATION_TEMPLATE_COLUMNS,
+)
 from viscon_hub.resources import PACKAGE_DATA, config_path
+
+logger = logging.getLogger(__name__)
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -159,21 +179,54 @@ def mix_rows(
     ]
 
 
-PER_IMAGE_KEYS = (
-    "image_sha256",
-    "width",
-    "height",
-    "image_url",
-    "alt_text",
-    "context",
-    "context_tokens",
-    "context_mode",
-    "caption",
-    "caption_model",
-    "qa_model",
-    "caption_template",
-    "qa_freeform_template",
-    "qa_multiple_choice_template",
+# Generation columns a per-image row shows as they are (the rest are reshaped or kept back).
+PER_IMAGE_KEYS = tuple(
+    c
+    for c in GENERATION_COLUMNS
+    if c
+    in {
+        "image_sha256",
+        "width",
+        "height",
+        "image_url",
+        "alt_text",
+        "context",
+        "context_tokens",
+        "context_mode",
+        "caption",
+        "caption_model",
+        "qa_model",
+        *GENERATION_TEMPLATE_COLUMNS,
+    }
+)
+# What the mixes read: the page, the mode and status, the caption and Q&A, the image; never the
+# page text, which only the per-image configs show.
+MIX_COLUMNS = tuple(
+    c
+    for c in GENERATION_COLUMNS
+    if c
+    in {
+        "id",
+        "document_id",
+        "page_url",
+        "context_mode",
+        "status",
+        "drop_reason",
+        "caption",
+        "qa_freeform",
+        "qa_multiple_choice",
+        "image_sha256",
+        "image_format",
+    }
+)
+assert not set(MIX_COLUMNS) & set(GENERATION_PAGE_COLUMNS)
+# What the first pass reads: pages for the splits, templates and cache keys for the card and costs.
+SCAN_COLUMNS = tuple(
+    c
+    for c in GENERATION_COLUMNS
+    if c in {"document_id", "page_url", "context_mode", "status", "image_sha256"}
+    or c in GENERATION_TEMPLATE_COLUMNS
+    or c in GENERATION_KEY_COLUMNS
 )
 
 
@@ -234,7 +287,380 @@ def _provenance(record: dict[str, Any]) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
+READ_BATCH = 2048  # records per batch: the unit of reading, dedup and row making
+
+
+def generation_records(generations: str) -> tuple[Path, dict[str, Any]]:
+    """The records file and the stats of a ``viscon generate`` folder."""
+    root = Path(generations)
+    path = root / "generations" / "records.parquet"
+    if not path.is_file():
+        raise ConfigError(
+            f"{generations!r} holds no generations/records.parquet: run `viscon generate` first"
+        )
+    stats_path = root / "stats.json"
+    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+    return path, stats
+
+
+def iter_record_batches(
+    path: Path, columns: tuple[str, ...] | None, drops: Counter[str], batch_size: int = READ_BATCH
+) -> Iterator[list[dict[str, Any]]]:
+    """Lists of at most ``batch_size`` generation records, one row group read at a time.
+
+    A row group that cannot be read (a damaged file) is counted in ``drops`` by its rows, under
+    ``records/unreadable_row_group``; the others are still read.
+    """
+    pf = pq.ParquetFile(path)
+    try:
+        names = set(pf.schema_arrow.names)
+        wanted = [c for c in columns or GENERATION_COLUMNS if c in names]
+        for i in range(pf.num_row_groups):
+            try:
+                table = pf.read_row_group(i, columns=wanted)
+            except (OSError, pa.ArrowException) as e:
+                n = pf.metadata.row_group(i).num_rows
+                logger.warning("row group %d of %s is unreadable (%s): %d records dropped", i, path, e, n)
+                drops["records/unreadable_row_group"] += n
+                continue
+            for batch in table.to_batches(max_chunksize=batch_size):
+                yield batch.to_pylist()
+            del table
+    finally:
+        pf.close()
+
+
+class PageSplits:
+    """Page -> split from the sha256 of its URL, learnt in one pass that keeps O(1) per page.
+
+    A page scoring below the test fraction is test. When none does (and there are two pages or
+    more), the lowest-scoring page is test, as :func:`~viscon_hub.build.layout.assign_splits` does.
+    Page scores are kept as 8-byte integers to count pages per split, never the URLs.
+    """
+
+    def __init__(self, test_fraction: float) -> None:
+        self.test_fraction = test_fraction
+        self.cut = int(test_fraction * 2**64)
+        self._scores: list[np.ndarray] = []
+        self._pending: list[int] = []
+        self.lowest: tuple[int, str] | None = None
+        self.forced: str | None = None
+
+    @staticmethod
+    def score(key: str) -> int:
+        import hashlib
+
+        return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
+
+    def add(self, key: str) -> None:
+        s = self.score(key)
+        self._pending.append(s)
+        if len(self._pending) >= 65536:
+            self._compact()
+        if self.lowest is None or (s, key) < self.lowest:
+            self.lowest = (s, key)
+
+    def _compact(self) -> None:
+        if self._pending:
+            self._scores.append(np.unique(np.array(self._pending, dtype=np.uint64)))
+            self._pending = []
+        if len(self._scores) > 1:
+            self._scores = [np.unique(np.concatenate(self._scores))]
+
+    def finish(self) -> dict[str, int]:
+        """Close the pass; return pages per split."""
+        self._compact()
+        scores = self._scores[0] if self._scores else np.zeros(0, dtype=np.uint64)
+        test = int((scores < np.uint64(self.cut)).sum()) if self.test_fraction > 0 else 0
+        if self.test_fraction > 0 and len(scores) >= 2 and test == 0 and self.lowest is not None:
+            self.forced, test = self.lowest[1], 1
+        self._scores = [scores]
+        return {"train": len(scores) - test, "test": test}
+
+    def split(self, key: str) -> str:
+        if key == self.forced or self.score(key) < self.cut:
+            return "test"
+        return "train"
+
+
+class Merger:
+    """Generation records, deduplicated and assigned to splits, streamed as the rows of each config.
+
+    The constructor makes one light pass (pages, templates, costs); :meth:`iter_rows` reads the
+    records again a batch at a time, dedups each batch's questions and yields rows as it goes, so
+    memory is one batch plus what a page split and the cache keys need. ``cache_only`` answers
+    question embeddings from the cache alone (the ``datasets`` builder uses it: a builder never runs
+    a model); a miss is then an error that says to run ``viscon build``. ``drops`` counts every
+    record left out, by mode (or config) and reason.
+    """
+
+    def __init__(
+        self,
+        *,
+        generations: str,
+        modes: tuple[str, ...] = ("contextual", "non_contextual"),
+        cache: str = "viscon-cache",
+        extra_caches: tuple[str, ...] = (),
+        test_fraction: float = DEFAULT_TEST_FRACTION,
+        dedup: DedupConfig | None = None,
+        offline: bool = True,
+        cache_only: bool = False,
+        conversation_style: str | None = None,
+        image_store: str | None = None,
+        per_image: bool = True,
+        batch_size: int = READ_BATCH,
+    ) -> None:
+        from viscon_hub.prepare.images import ImageStore
+
+        self.dedup_config = dedup or DedupConfig()
+        self.style = ConversationStyle.load(conversation_style)
+        self.test_fraction = test_fraction
+        self.modes = tuple(sorted(modes))
+        self.offline, self.cache_only = offline, cache_only
+        self.cache_url, self.extra_caches = cache, tuple(extra_caches)
+        self.batch_size = batch_size
+        self.path, self.generation_stats = generation_records(generations)
+        # Mixes need no page text: leaving the big columns unread halves the merge's time and memory.
+        self.columns = None if per_image else MIX_COLUMNS
+        self.store = ImageStore(
+            image_store or self.generation_stats.get("image_store") or f"{generations}/images"
+        )
+        self.drops: Counter[str] = Counter()
+        self.dedup_info: dict[str, Any] = {}
+        self._cache = None
+        self._scan(test_fraction)
+
+    # -- the first pass ----------------------------------------------------------------------------
+    def _scan(self, test_fraction: float) -> None:
+        from viscon_hub.engine.prices import PriceTable
+
+        prices = PriceTable.load()
+        self.splits = PageSplits(test_fraction)
+        templates: set[str] = set()
+        usage: dict[str, dict[str, Any]] = {}
+        # A reply shared by two records (the same request) is paid once.
+        seen: set[str] = set()
+        self.ok_records = dict.fromkeys(self.modes, 0)
+        self.image_sample: list[str] = []
+        cache = self.cache()
+        scan_drops: Counter[str] = Counter()
+        for batch in iter_record_batches(self.path, SCAN_COLUMNS, scan_drops, self.batch_size):
+            for r in batch:
+                if not r.get("document_id"):
+                    continue  # counted when the rows are made
+                self.splits.add(page_key(r))
+                templates.update(r[k] for k in GENERATION_TEMPLATE_COLUMNS if r.get(k))
+                if r.get("context_mode") in self.ok_records and r.get("status") == "ok":
+                    self.ok_records[r["context_mode"]] += 1
+                    if len(self.image_sample) < 256 and r.get("image_sha256"):
+                        self.image_sample.append(r["image_sha256"])
+                for name in GENERATION_KEY_COLUMNS:
+                    key = r.get(name)
+                    c = cache.get(key) if key and key not in seen else None
+                    if c is None:
+                        continue
+                    seen.add(key)  # only keys the cache holds: never more than the cache itself
+                    u = usage.setdefault(
+                        c.model or "unknown",
+                        {"replies": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0},
+                    )
+                    u["replies"] += 1
+                    u["prompt_tokens"] += c.prompt_tokens
+                    u["completion_tokens"] += c.completion_tokens
+                    u["cost_usd"] += prices.cost(c.model, c.prompt_tokens, c.completion_tokens)
+        del seen
+        for u in usage.values():
+            u["cost_usd"] = round(u["cost_usd"], 6)
+        self.usage = dict(sorted(usage.items()))
+        self.templates = sorted(templates)
+        self.pages = self.splits.finish()
+
+    def cache(self):
+        """The engine cache (opened on first use, kept open until :meth:`close`)."""
+        if self._cache is None:
+            from viscon_hub.engine import GenerationCache
+
+            self._cache = GenerationCache(self.cache_url, fallbacks=self.extra_caches)
+        return self._cache
+
+    def close(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+
+    def image_bytes_estimate(self) -> int:
+        """Mean size of a stored image, from up to 256 of them (0 when none can be read)."""
+        sizes = []
+        for sha in self.image_sample:
+            try:
+                sizes.append(len(self.store.get(sha)))
+            except (OSError, ConfigError):  # missing, or not a sha256: counted when rows are made
+                continue
+        return int(sum(sizes) / len(sizes)) if sizes else 0
+
+    def image_cost(self, configs: tuple[str, ...]) -> str:
+        """One line on what the images will cost on disk, said before anything is written.
+
+        Every config carries the bytes of its rows' images; ``split`` shows each twice, but Parquet's
+        dictionary encoding stores a repeat within a row group once. Estimated from the ok records
+        per mode and the mean size of a sample of stored images.
+        """
+        mean = self.image_bytes_estimate()
+        # Both modes are made from the same image contexts: the larger one stands for the images.
+        images = max(self.ok_records.get(config_mode(c), 0) for c in configs)
+        once = images * mean
+        total = sum(self.ok_records.get(config_mode(c), 0) for c in configs) * mean
+        ratio = total / once if once else 0.0
+        return (
+            f"{len(configs)} configs carry image bytes: about {total / 1e6:.1f} MB of images on disk "
+            f"({ratio:.1f}x the {once / 1e6:.1f} MB of {images} images once): each config costs the images "
+            "again (a real run builds --configs contextual,leaky unless told otherwise)"
+        )
+
+    def dropped(self) -> dict[str, dict[str, int]]:
+        """:attr:`drops` as {where: {reason: count}}, sorted."""
+        out: dict[str, dict[str, int]] = {}
+        for key, n in sorted(self.drops.items()):
+            where, reason = key.split("/", 1)
+            out.setdefault(where, {})[reason] = n
+        return out
+
+    def split_of(self, record: dict[str, Any]) -> str:
+        return self.splits.split(page_key(record))
+
+    # -- the second pass -----------------------------------------------------------------------
+    def _dedup(self, mode: str, recs: list[dict[str, Any]]) -> dict[str, int]:
+        """Dedup a batch's questions in place; return questions generated per record id."""
+        items = [
+            (
+                [q["question"] for q in r["qa_freeform"] or []],
+                [q["question"] for q in r["qa_multiple_choice"] or []],
+            )
+            for r in recs
+        ]
+        result = dedup_questions(
+            items,
+            config=self.dedup_config,
+            cache=self.cache(),
+            offline=self.offline,
+            cache_only=self.cache_only,
+        )
+        generated = {}
+        for r, (ff, mc), (keep_ff, keep_mc) in zip(recs, items, result.keep, strict=True):
+            generated[r["id"]] = len(ff) + len(mc)
+            r["qa_freeform"] = [r["qa_freeform"][i] for i in keep_ff]
+            r["qa_multiple_choice"] = [r["qa_multiple_choice"][i] for i in keep_mc]
+        self.dedup_info[mode] = _add_dedup(self.dedup_info.get(mode), result.to_dict())
+        return generated
+
+    def iter_rows(self, configs: tuple[str, ...]) -> Iterator[tuple[str, str, list[dict[str, Any]]]]:
+        """(config, split, rows) per record and config, in record order; images read once per record."""
+        by_mode = {m: [c for c in configs if config_mode(c) == m] for m in self.modes}
+        by_mode = {m: cs for m, cs in by_mode.items() if cs}
+        self.dedup_info = {}
+        for batch in iter_record_batches(self.path, self.columns, self.drops, self.batch_size):
+            for mode, mode_configs in by_mode.items():
+                ok = []
+                for r in batch:
+                    if r.get("context_mode") != mode:
+                        continue
+                    reason = _unusable(r)
+                    if reason:
+                        self.drops[f"{mode}/{reason}"] += 1
+                    else:
+                        ok.append(r)
+                generated = self._dedup(mode, ok) if ok else {}
+                for r in ok:
+                    yield from self._rows(r, mode, mode_configs, generated[r["id"]])
+        for mode in by_mode:
+            if mode not in self.dedup_info:  # no record with Q&A: the figures of an empty dedup
+                self.dedup_info[mode] = dedup_questions(
+                    [], config=self.dedup_config, cache=self.cache(), offline=self.offline
+                ).to_dict()
+
+    def _rows(
+        self, r: dict[str, Any], mode: str, mode_configs: list[str], generated: int
+    ) -> Iterator[tuple[str, str, list[dict[str, Any]]]]:
+        sha = r.get("image_sha256")
+        try:
+            data = self.store.get(sha) if sha else None
+        except (OSError, ValueError, ConfigError):  # a missing blob, or a sha256 that names none
+            data = None
+        if data is None:
+            self.drops[f"{mode}/image_missing"] += 1
+            return
+        image = {"bytes": data, "path": f"{sha}.{_ext(r)}"}
+        try:
+            split = self.split_of(r)
+            rounds = rounds_of(r, self.style)
+            made = []
+            for c in mode_configs:
+                mix = config_mix(c)
+                if mix is None:
+                    made.append((c, [per_image_row(r, image=image, questions_generated=generated)]))
+                else:
+                    made.append((c, mix_rows(r, mix, style=self.style, image=image, rounds=rounds)))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            logger.debug("record %r cannot be merged: %s", r.get("id"), e)
+            self.drops[f"{mode}/unreadable_record"] += 1
+            return
+        for c, rows in made:
+            if not rows and config_mix(c) is not None:
+                self.drops[f"{c}/nothing_to_say"] += 1
+            yield c, split, rows
+
+
+def page_key(r: dict[str, Any]) -> str:
+    return r.get("page_url") or f"document:{r['document_id']}"
+
+
+def _unusable(r: dict[str, Any]) -> str | None:
+    """Why a record of its mode cannot be merged, or None."""
+    if r.get("status") != "ok":
+        return r.get("drop_reason") or "dropped"
+    if not isinstance(r.get("id"), str) or not r["id"] or not r.get("document_id"):
+        return "unreadable_record"
+    for name in ("qa_freeform", "qa_multiple_choice"):
+        items = r.get(name)
+        if items is not None and not all(
+            isinstance(q, dict) and isinstance(q.get("question"), str) for q in items
+        ):
+            return "unreadable_record"
+    return None
+
+
+def _ext(r: dict[str, Any]) -> str:
+    fmt = (r.get("image_format") or "jpeg").lower()
+    return {"jpeg": "jpg"}.get(fmt, fmt)
+
+
+def _add_dedup(total: dict[str, Any] | None, part: dict[str, Any]) -> dict[str, Any]:
+    """Dedup figures of two batches as one: counts add up, the model and fallback are the first's."""
+    if total is None:
+        return part
+    for k in ("images", "questions_in", "unique_questions", "questions_kept", "removed", "embedding_errors"):
+        total[k] = total.get(k, 0) + part.get(k, 0)
+    if part.get("fell_back") and not total.get("fell_back"):
+        total.update(fell_back=True, fallback_reason=part.get("fallback_reason"), model=part.get("model"))
+    engine, more = total.setdefault("engine", {}), part.get("engine") or {}
+    for k, v in more.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            engine[k] = round(engine.get(k, 0) + v, 6)
+        elif isinstance(v, dict):
+            into = engine.setdefault(k, {})
+            for model, figures in v.items():
+                slot = into.setdefault(model, {})
+                for fk, fv in figures.items():
+                    slot[fk] = round(slot.get(fk, 0) + fv, 6)
+    return total
+
+
 __all__ = [
+    "MIX_COLUMNS",
+    "Merger",
+    "PageSplits",
+    "iter_record_batches",
+    "generation_records",
     "ConversationStyle",
     "rounds_of",
     "mix_rows",

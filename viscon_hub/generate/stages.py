@@ -38,37 +38,15 @@ from viscon_hub.fsutil import is_local
 from viscon_hub.generate.parsers import parse_freeform, parse_multiple_choice
 from viscon_hub.generate.prompts import PromptTemplate, context_fields, load_template
 from viscon_hub.prepare.images import ImageStore
-from viscon_hub.records import IMAGE_CONTEXT_SCHEMA, ImageContext
+from viscon_hub.records import GENERATION_SCHEMA, ImageContext
 
 logger = logging.getLogger(__name__)
 
 ContextMode = Literal["contextual", "non_contextual"]
 CHARS_PER_TOKEN_BOUND = 16
+# The merge reads records.parquet one row group at a time: this bounds its memory, whatever the count.
+RECORDS_ROW_GROUP = 10_000
 CAPTION_TEMPLATES = {"contextual": "contextual_caption", "non_contextual": "non_contextual_caption"}
-
-FREEFORM_TYPE = pa.list_(pa.struct([("question", pa.string()), ("answer", pa.string())]))
-MC_TYPE = pa.list_(
-    pa.struct([("question", pa.string()), ("options", pa.list_(pa.string())), ("answer", pa.string())])
-)
-GENERATION_SCHEMA = pa.schema(
-    [f for f in IMAGE_CONTEXT_SCHEMA if f.name != "image_bytes"]
-    + [
-        pa.field("context_mode", pa.string(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),
-        pa.field("drop_reason", pa.string()),
-        pa.field("caption", pa.string()),
-        pa.field("caption_model", pa.string()),
-        pa.field("caption_template", pa.string()),
-        pa.field("caption_key", pa.string()),
-        pa.field("qa_model", pa.string()),
-        pa.field("qa_freeform", FREEFORM_TYPE),
-        pa.field("qa_freeform_template", pa.string()),
-        pa.field("qa_freeform_key", pa.string()),
-        pa.field("qa_multiple_choice", MC_TYPE),
-        pa.field("qa_multiple_choice_template", pa.string()),
-        pa.field("qa_multiple_choice_key", pa.string()),
-    ]
-)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -609,11 +587,11 @@ def _write_outputs(
     local = Path(root) if is_local(fs) else None
     if local is not None:
         tmp = local / "generations" / ".records.parquet.tmp"
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression="zstd", row_group_size=RECORDS_ROW_GROUP)
         tmp.replace(local / "generations" / "records.parquet")
     else:
         with fs.open(target, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
+            pq.write_table(table, f, compression="zstd", row_group_size=RECORDS_ROW_GROUP)
     summary = {
         **stats.to_dict(),
         "caption_model": config.caption_model,

@@ -34,7 +34,8 @@ from viscon_hub.build.layout import (
     NON_CONTEXTUAL_MIXES,
     SPLITS,
     config_mix,
-    data_path,
+    data_files,
+    data_glob,
 )
 from viscon_hub.errors import ConfigError, VisconError
 
@@ -318,12 +319,14 @@ def _built_configs(dataset: Path) -> list[str]:
     info = json.loads(info_path.read_text())
     configs = info.get("configs") or []
     rows = info.get("rows") or {}
-    missing = [
-        data_path(c, s)
-        for c in configs
-        for s in SPLITS
-        if rows.get(c, {}).get(s) and not (dataset / data_path(c, s)).is_file()
-    ]
+    shards = info.get("shards") or {}
+    missing = []
+    for c in configs:
+        for s in SPLITS:
+            found = len(data_files(dataset, c, s))
+            expected = shards.get(c, {}).get(s) or 1  # a build before shards wrote one file per split
+            if rows.get(c, {}).get(s) and found != expected:
+                missing.append(f"{data_glob(c, s)} ({found} of {expected} shards)")
     if missing or not configs:
         raise ConfigError(f"{dataset} is incomplete (missing {missing[:3]}); run `viscon build` again")
     return [c for c in ALL_CONFIGS if c in configs]
@@ -343,8 +346,8 @@ def stage_push(
             raise ConfigError(f"--formats takes {', '.join(PUSH_FORMATS)}; got {f!r}")
     for c in configs:
         for s in SPLITS:
-            if (root / data_path(c, s)).is_file():
-                _link(root / data_path(c, s), staging / data_path(c, s))
+            for path in data_files(root, c, s):
+                _link(root / path, staging / path)
     for name in (BUILD_INFO, "stats.json"):
         if (root / name).is_file():
             _link(root / name, staging / name)

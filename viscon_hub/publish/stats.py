@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from viscon_hub.build.layout import ALL_CONFIGS, BUILD_INFO, PER_IMAGE_CONFIGS, SPLITS, data_path
+from viscon_hub.build.layout import ALL_CONFIGS, BUILD_INFO, PER_IMAGE_CONFIGS, SPLITS, data_files
 from viscon_hub.errors import ConfigError, MissingDependencyError
 from viscon_hub.records import IMAGE_PLACEHOLDER, OTHER_IMAGE_PLACEHOLDER
 
@@ -165,7 +165,7 @@ def compute_stats(dataset_dir: str | Path) -> dict[str, Any]:
     rows = _rows(root)
     if not rows:
         raise ConfigError(
-            f"{str(root)!r} holds no config files (<config>/<split>-00000-of-00001.parquet); "
+            f"{str(root)!r} holds no config files (<config>/<split>-NNNNN-of-MMMMM.parquet); "
             "run `viscon build` first"
         )
     present = [c for c in PER_IMAGE_CONFIGS if c in rows]
@@ -231,14 +231,17 @@ def _rows(root: Path) -> dict[str, dict[str, int]]:
     """Rows per config and split from the Parquet footers (no data read)."""
     out: dict[str, dict[str, int]] = {}
     for c in ALL_CONFIGS:
-        counts = {s: pq.ParquetFile(root / data_path(c, s)).metadata.num_rows for s in _splits(root, c)}
+        counts = {
+            s: sum(pq.ParquetFile(root / f).metadata.num_rows for f in data_files(root, c, s))
+            for s in _splits(root, c)
+        }
         if counts:
             out[c] = {**counts, "total": sum(counts.values())}
     return out
 
 
 def _splits(root: Path, config: str) -> list[str]:
-    return [s for s in SPLITS if (root / data_path(config, s)).is_file()]
+    return [s for s in SPLITS if data_files(root, config, s)]
 
 
 def iter_batches(root: str | Path, config: str, columns: Iterable[str]) -> Iterator[dict[str, list]]:
@@ -250,9 +253,10 @@ def iter_batches(root: str | Path, config: str, columns: Iterable[str]) -> Itera
     root = Path(root)
     columns = list(columns)
     for split in _splits(root, config):
-        pf = pq.ParquetFile(root / data_path(config, split))
-        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns):
-            yield {name: batch.column(name).to_pylist() for name in columns}
+        for path in data_files(root, config, split):
+            pf = pq.ParquetFile(root / path)
+            for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+                yield {name: batch.column(name).to_pylist() for name in columns}
 
 
 _PER_IMAGE_COLUMNS = (

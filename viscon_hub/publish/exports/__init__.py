@@ -1,7 +1,7 @@
 """Exports: one mix of a built dataset, rewritten in the format a training codebase reads.
 
-``export`` reads ``<dataset>/<config>/<split>-00000-of-00001.parquet`` a batch at a time and hands the
-rows to one format module:
+``export`` reads the shards ``<dataset>/<config>/<split>-NNNNN-of-MMMMM.parquet`` a batch at a time and
+hands the rows to one format module:
 
 =============  ==========================================================================  ===========
 format         writes (under ``output``)                                                   trainer
@@ -43,7 +43,8 @@ from viscon_hub.build.layout import (
     PER_IMAGE_CONFIGS,
     SPLITS,
     check_config,
-    data_path,
+    data_files,
+    data_glob,
 )
 from viscon_hub.errors import ConfigError
 
@@ -135,20 +136,20 @@ def _check_source(
             f"dataset folder {root} does not exist; expected a folder written by `viscon build`"
         )
     splits = (split,) if split else SPLITS
-    missing = [data_path(config, s) for s in splits if not (root / data_path(config, s)).is_file()]
+    missing = [data_glob(config, s) for s in splits if not data_files(root, config, s)]
     if missing:
         kinds = PER_IMAGE_CONFIGS if per_image else MIXES + NON_CONTEXTUAL_MIXES
-        found = [c for c in kinds if (root / data_path(c, splits[0])).is_file()]
+        found = [c for c in kinds if data_files(root, c, splits[0])]
         raise ConfigError(
             f"{root} has no {', '.join(missing)}; mixes found there: {', '.join(found) or 'none'}. "
             f"Build it with `viscon build --configs {config}` or export one of those"
         )
-    for s in splits:
-        names = set(pq.read_schema(root / data_path(config, s)).names)
+    for path in (f for s in splits for f in data_files(root, config, s)):
+        names = set(pq.read_schema(root / path).names)
         lacking = [c for c in columns if c not in names]
         if lacking:
             raise ConfigError(
-                f"{root / data_path(config, s)} is not a viscon {'per-image config' if per_image else 'mix'}: "
+                f"{root / path} is not a viscon {'per-image config' if per_image else 'mix'}: "
                 f"expected columns {', '.join(columns)}, found {', '.join(sorted(names))}"
             )
     return splits
@@ -166,10 +167,11 @@ class Source:
         self.config = config
 
     def batches(self, split: str, columns: Sequence[str] = _READ_COLUMNS) -> Iterator[list[dict[str, Any]]]:
-        """Lists of at most ``BATCH_ROWS`` rows (``id``, ``image``, ``messages``) in file order."""
-        with pq.ParquetFile(self.root / data_path(self.config, split)) as f:
-            for batch in f.iter_batches(batch_size=BATCH_ROWS, columns=list(columns)):
-                yield batch.to_pylist()
+        """Lists of at most ``BATCH_ROWS`` rows (``id``, ``image``, ``messages``), shard after shard."""
+        for path in data_files(self.root, self.config, split):
+            with pq.ParquetFile(self.root / path) as f:
+                for batch in f.iter_batches(batch_size=BATCH_ROWS, columns=list(columns)):
+                    yield batch.to_pylist()
 
 
 def skip_reason(row: dict[str, Any]) -> str | None:

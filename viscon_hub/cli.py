@@ -205,6 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="cosine similarity above which a question counts as a near-duplicate",
     )
     b.add_argument("--dedup-model", default=None, help="sentence-transformers model for the question dedup")
+    b.add_argument(
+        "--mc-longest-ratio",
+        type=float,
+        default=None,
+        help="flag a multiple-choice item whose right option is this many times longer than every other "
+        "(default 1.5)",
+    )
+    b.add_argument(
+        "--drop-length-tells", action="store_true", help="leave flagged multiple-choice items out (counted)"
+    )
+    b.add_argument(
+        "--no-option-shuffle", action="store_true", help="keep multiple-choice options in generated order"
+    )
     b.add_argument("--limit", type=_non_negative_int, default=None, help="read at most N documents")
     b.add_argument("--no-progress", action="store_true", help="no stage lines even on a terminal")
     b.set_defaults(func=_cmd_build)
@@ -285,6 +298,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from viscon_hub.build.dedup import DedupConfig
     from viscon_hub.build.driver import BuildConfig, build
     from viscon_hub.build.layout import parse_configs
+    from viscon_hub.build.quality import MultipleChoiceQuality
 
     dedup = DedupConfig()
     if args.dedup_threshold is not None:
@@ -309,6 +323,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
     }
     if args.test_fraction is not None:
         values["test_fraction"] = args.test_fraction
+    mc = MultipleChoiceQuality(shuffle=not args.no_option_shuffle, drop_flagged=args.drop_length_tells)
+    if args.mc_longest_ratio is not None:
+        mc = replace(mc, longest_ratio=args.mc_longest_ratio)
+    values["multiple_choice"] = mc
     config = BuildConfig(**values)
     config = replace(config, engine=_engine_config(args, offline=config.offline))
     quiet = args.no_progress or not sys.stderr.isatty()

@@ -299,6 +299,7 @@ def test_every_statistic_present(folder):
             "dropped",
             "generation",
             "image_sizes",
+            "multiple_choice",
             "non_contextual_baseline",
             "overlap",
             "primary_config",

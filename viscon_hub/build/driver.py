@@ -46,6 +46,7 @@ from viscon_hub.engine import EngineConfig, GenerationCache
 from viscon_hub.errors import ConfigError
 from viscon_hub.prepare.images import ImageStore
 from viscon_hub.build.merge import ConversationStyle, mix_rows, per_image_row, public_source, rounds_of
+from viscon_hub.build.quality import MultipleChoiceQuality, repair_multiple_choice
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class BuildConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     conversation_style: str | None = None
+    multiple_choice: MultipleChoiceQuality = field(default_factory=MultipleChoiceQuality)
 
     def __post_init__(self) -> None:
         quickstart = self.source is None and self.caption_model is None and self.qa_model is None
@@ -171,6 +173,7 @@ def build(config: BuildConfig, *, progress: Callable[[str], None] | None = None)
         dedup=config.dedup,
         offline=config.offline,
         conversation_style=config.conversation_style,
+        multiple_choice=config.multiple_choice,
         source=config.source or SAMPLE_SOURCE,
         source_revision=config.revision,
     )
@@ -239,7 +242,10 @@ class Merger:
         conversation_style: str | None = None,
         image_store: str | None = None,
         per_image: bool = True,
+        multiple_choice: MultipleChoiceQuality | None = None,
     ) -> None:
+        self.multiple_choice = multiple_choice or MultipleChoiceQuality()
+        self.quality: dict[str, Counter[str]] = {m: Counter() for m in sorted(modes)}
         self.dedup_config = dedup or DedupConfig()
         self.style = ConversationStyle.load(conversation_style)
         self.test_fraction = test_fraction
@@ -306,6 +312,8 @@ class Merger:
                     continue
                 image = {"bytes": data, "path": f"{sha}.{_ext(r)}"}
                 split = self.split_of(r)
+                r, flags = repair_multiple_choice(r, self.multiple_choice)
+                self.quality[mode].update(flags)
                 rounds = rounds_of(r, self.style)
                 for c in mode_configs:
                     mix = config_mix(c)
@@ -331,6 +339,7 @@ def write_dataset(
     offline: bool = True,
     conversation_style: str | None = None,
     image_store: str | None = None,
+    multiple_choice: MultipleChoiceQuality | None = None,
     source: str | None = None,
     source_revision: str | None = None,
 ) -> BuildReport:
@@ -346,6 +355,7 @@ def write_dataset(
         conversation_style=conversation_style,
         image_store=image_store,
         per_image=any(config_mix(c) is None for c in configs),
+        multiple_choice=multiple_choice,
     )
     out = Path(output)
     staging = out / ".staging"
@@ -381,6 +391,13 @@ def write_dataset(
         "dropped": {"merge": report.dropped, "generate": gen_stats.get("dropped", {})},
         "dedup": merger.dedup_info,
         "conversation_style": merger.style.version,
+        "multiple_choice": {
+            "config": asdict(merger.multiple_choice),
+            **{
+                mode: {k: c[k] for k in ("length_flagged", "length_dropped")}
+                for mode, c in merger.quality.items()
+            },
+        },
         "generation": {
             k: gen_stats.get(k) for k in ("caption_model", "qa_model", "context", "records", "records_ok")
         },

@@ -149,7 +149,7 @@ def compute_stats(dataset_dir: str | Path) -> dict[str, Any]:
     """Statistics of a built dataset folder (see the module doc); JSON-ready, deterministic.
 
     Top-level keys: ``answer_length``, ``caption_length``, ``caption_word_frequencies``, ``configs``,
-    ``context_tokens``, ``dedup``, ``dropped``, ``generation``, ``image_sizes``,
+    ``context_tokens``, ``dedup``, ``dropped``, ``generation``, ``image_sizes``, ``multiple_choice``,
     ``non_contextual_baseline``, ``overlap``, ``primary_config``, ``provenance``, ``qa_counts``,
     ``stats_version``, ``usage``. A figure that the folder cannot give (no per-image config, no build
     info) is None or empty, never made up.
@@ -191,6 +191,7 @@ def compute_stats(dataset_dir: str | Path) -> dict[str, Any]:
             else None
         ),
         "dedup": _dedup(scans, info),
+        "multiple_choice": _multiple_choice(root, rows, info, stemmer=stemmer),
         "dropped": info.get("dropped") or {},
         "generation": info.get("generation") or {},
         "usage": _usage(info),
@@ -501,6 +502,42 @@ def _float_edges(values: np.ndarray, *, target: int = 20) -> list[float]:
 
 
 # --- from viscon_build.json ---------------------------------------------------------------------
+
+
+def _multiple_choice(
+    root: Path, rows: dict[str, dict[str, int]], info: dict[str, Any], *, stemmer: Stemmer
+) -> dict[str, Any]:
+    """Per config: the three tells of multiple-choice items (see ``build/quality.py``) and the merge's repair.
+
+    Per-image configs are read from ``qa_multiple_choice``; mixes from their multiple-choice user turns
+    and the letter answering each, so a figure describes the rows a trainer sees.
+    """
+    from viscon_hub.build.quality import MultipleChoiceAudit, MultipleChoiceQuality, parse_turn
+
+    repair = dict(info.get("multiple_choice") or {})
+    ratio = (repair.get("config") or {}).get("longest_ratio") or MultipleChoiceQuality().longest_ratio
+
+    def stems(text: str) -> set[str]:
+        return {stemmer(w) for w in content_words(text)}
+
+    out: dict[str, Any] = {}
+    for config in rows:
+        audit = MultipleChoiceAudit(words=stems, ratio=ratio)
+        if config in PER_IMAGE_CONFIGS:
+            for b in iter_batches(root, config, ["qa_multiple_choice"]):
+                for items in b["qa_multiple_choice"]:
+                    for item in items or ():
+                        audit.add(item["question"], list(item["options"]), item["answer"])
+        else:
+            for b in iter_batches(root, config, ["messages", "round_types"]):
+                for messages, kinds in zip(b["messages"], b["round_types"], strict=True):
+                    for i, kind in enumerate(kinds or ()):
+                        parsed = parse_turn(messages[2 * i]["content"]) if kind == "multiple_choice" else None
+                        if parsed is not None:
+                            audit.add(parsed[0], parsed[1], messages[2 * i + 1]["content"].strip())
+        if audit.items:
+            out[config] = audit.to_dict()
+    return {"configs": out, "repair": repair}
 
 
 def _dedup(scans: dict[str, _PerImage], info: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from viscon_hub import __version__
 from viscon_hub.errors import VisconError
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-config", default=None, help="config of a Hub dataset")
     p.add_argument("--revision", default=None, help="revision of a Hub dataset")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    _add_filter_flags(p)
     p.set_defaults(func=_cmd_prepare)
 
     g = sub.add_parser(
@@ -220,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--limit", type=_non_negative_int, default=None, help="read at most N documents")
     b.add_argument("--no-progress", action="store_true", help="no stage lines even on a terminal")
+    _add_filter_flags(b)
     b.set_defaults(func=_cmd_build)
 
     e = sub.add_parser(
@@ -299,6 +302,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from viscon_hub.build.driver import BuildConfig, build
     from viscon_hub.build.layout import parse_configs
     from viscon_hub.build.quality import MultipleChoiceQuality
+    from viscon_hub.prepare.filters import FilterConfig
 
     dedup = DedupConfig()
     if args.dedup_threshold is not None:
@@ -327,6 +331,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.mc_longest_ratio is not None:
         mc = replace(mc, longest_ratio=args.mc_longest_ratio)
     values["multiple_choice"] = mc
+    values["filters"] = _filter_config(args, FilterConfig())
     config = BuildConfig(**values)
     config = replace(config, engine=_engine_config(args, offline=config.offline))
     quiet = args.no_progress or not sys.stderr.isatty()
@@ -481,6 +486,36 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_filter_flags(parser: argparse.ArgumentParser) -> None:
+    f = parser.add_argument_group("safety and language filters (pip install 'viscon-hub[safety]')")
+    f.add_argument("--languages", default=None, help="keep pages in these languages, e.g. en or en,de")
+    f.add_argument("--opt-out", default=None, help="file of opted-out domains / URL patterns, one a line")
+    f.add_argument(
+        "--toxic-text", action="store_true", help="drop pages (and, in build, generations) with toxic text"
+    )
+    f.add_argument("--nsfw-images", action="store_true", help="drop images nudenet finds explicit")
+    f.add_argument(
+        "--near-duplicate-images",
+        action="store_true",
+        help="drop an image an earlier document already showed (same perceptual hash)",
+    )
+
+
+def _filter_config(args: argparse.Namespace, base: Any) -> Any:
+    """``base`` (a FilterConfig, e.g. from a recipe) with the filter flags given on the command line."""
+    from dataclasses import replace
+
+    changes: dict[str, Any] = {}
+    if args.languages is not None:
+        changes["languages"] = tuple(x for x in args.languages.split(",") if x.strip())
+    if args.opt_out is not None:
+        changes["opt_out"] = args.opt_out
+    for name in ("toxic_text", "nsfw_images", "near_duplicate_images"):
+        if getattr(args, name):
+            changes[name] = True
+    return replace(base, **changes) if changes else base
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -515,6 +550,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         fetch_overrides["timeout_s"] = args.timeout
     if fetch_overrides:
         config = replace(config, fetch=replace(config.fetch, **fetch_overrides))
+    config = replace(config, filters=_filter_config(args, config.filters))
 
     bar = None
     if not args.no_progress and sys.stderr.isatty():

@@ -47,6 +47,7 @@ from viscon_hub.errors import ConfigError
 from viscon_hub.prepare.images import ImageStore
 from viscon_hub.build.merge import ConversationStyle, mix_rows, per_image_row, public_source, rounds_of
 from viscon_hub.build.quality import MultipleChoiceQuality, repair_multiple_choice
+from viscon_hub.prepare.filters import FilterConfig, ToxicText, drop_toxic_records
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class BuildConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     conversation_style: str | None = None
     multiple_choice: MultipleChoiceQuality = field(default_factory=MultipleChoiceQuality)
+    filters: FilterConfig = field(default_factory=FilterConfig)
 
     def __post_init__(self) -> None:
         quickstart = self.source is None and self.caption_model is None and self.qa_model is None
@@ -143,7 +145,11 @@ def build(config: BuildConfig, *, progress: Callable[[str], None] | None = None)
     say("prepare")
     prep = prepare(
         PrepareConfig(
-            source=config.source, output=f"{work}/contexts", limit=config.limit, revision=config.revision
+            source=config.source,
+            output=f"{work}/contexts",
+            limit=config.limit,
+            revision=config.revision,
+            filters=config.filters,
         )
     )
     say("generate")
@@ -174,6 +180,7 @@ def build(config: BuildConfig, *, progress: Callable[[str], None] | None = None)
         offline=config.offline,
         conversation_style=config.conversation_style,
         multiple_choice=config.multiple_choice,
+        toxic_text=config.filters.toxic_threshold if config.filters.toxic_text else None,
         source=config.source or SAMPLE_SOURCE,
         source_revision=config.revision,
     )
@@ -243,6 +250,7 @@ class Merger:
         image_store: str | None = None,
         per_image: bool = True,
         multiple_choice: MultipleChoiceQuality | None = None,
+        toxic_text: float | None = None,
     ) -> None:
         self.multiple_choice = multiple_choice or MultipleChoiceQuality()
         self.quality: dict[str, Counter[str]] = {m: Counter() for m in sorted(modes)}
@@ -267,6 +275,12 @@ class Merger:
                 self.drops[f"{r['context_mode']}/{r.get('drop_reason') or 'dropped'}"] += 1
                 continue
             self.ok[r["context_mode"]].append(r)
+        if toxic_text is not None:
+            text_filter = ToxicText(threshold=toxic_text)
+            for mode, recs in self.ok.items():
+                self.ok[mode], n = drop_toxic_records(recs, text_filter)
+                if n:
+                    self.drops[f"{mode}/toxic_text"] += n
         self.generated: dict[tuple[str, str], int] = {}
         self.dedup_info: dict[str, Any] = {}
         cache_obj = GenerationCache(cache, fallbacks=extra_caches)
@@ -340,6 +354,7 @@ def write_dataset(
     conversation_style: str | None = None,
     image_store: str | None = None,
     multiple_choice: MultipleChoiceQuality | None = None,
+    toxic_text: float | None = None,
     source: str | None = None,
     source_revision: str | None = None,
 ) -> BuildReport:
@@ -356,6 +371,7 @@ def write_dataset(
         image_store=image_store,
         per_image=any(config_mix(c) is None for c in configs),
         multiple_choice=multiple_choice,
+        toxic_text=toxic_text,
     )
     out = Path(output)
     staging = out / ".staging"
@@ -380,6 +396,7 @@ def write_dataset(
         output=str(out), rows=writers.counts, dropped=_nest(merger.drops), dedup=merger.dedup_info
     )
     gen_stats = merger.generation_stats
+    prepared = _prepare_stats(gen_stats)
     splits = list(merger.page_split.values())
     info = {
         "viscon_hub_version": __version__,
@@ -388,7 +405,15 @@ def write_dataset(
         "rows": report.rows,
         "test_fraction": test_fraction,
         "pages": {s: splits.count(s) for s in SPLITS},
-        "dropped": {"merge": report.dropped, "generate": gen_stats.get("dropped", {})},
+        "dropped": {
+            "prepare": prepared.get("dropped", {}),
+            "merge": report.dropped,
+            "generate": gen_stats.get("dropped", {}),
+        },
+        "filters": {
+            **prepared.get("filters", {}),
+            **({"toxic_generations": toxic_text} if toxic_text else {}),
+        },
         "dedup": merger.dedup_info,
         "conversation_style": merger.style.version,
         "multiple_choice": {
@@ -409,6 +434,18 @@ def write_dataset(
     (out / BUILD_INFO).write_text(json.dumps(_stable(info), indent=2, sort_keys=True) + "\n")
     write_minimal_readme(out, configs)
     return report
+
+
+def _prepare_stats(gen_stats: dict[str, Any]) -> dict[str, Any]:
+    """The prepare run's stats.json behind a generate run (its drops and filters), or {} when not found."""
+    contexts = gen_stats.get("contexts")
+    path = Path(contexts) / "stats.json" if isinstance(contexts, str) else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return {}
 
 
 def _stable(info: dict[str, Any]) -> dict[str, Any]:

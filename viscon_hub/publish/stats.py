@@ -591,6 +591,7 @@ def _provenance(info: dict[str, Any], scans: dict[str, _PerImage]) -> dict[str, 
         "rows_build": info.get("rows") or {},
         "pages": info.get("pages") or {},
         "test_fraction": info.get("test_fraction"),
+        "filters": info.get("filters") or {},
     }
 
 

@@ -220,6 +220,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--no-option-shuffle", action="store_true", help="keep multiple-choice options in generated order"
     )
+    b.add_argument(
+        "--relevance-model",
+        default=None,
+        help="score every round's C3L relevance with this VLM: transformers:PATH, or openai:MODEL on a "
+        "vLLM server (--base-url; it must answer prompt_logprobs)",
+    )
+    b.add_argument(
+        "--min-relevance", type=float, default=None, help="drop Q&A rounds whose relevance is below this"
+    )
+    b.add_argument(
+        "--relevance-on",
+        choices=["kl", "pmi"],
+        default="kl",
+        help="the score --min-relevance reads (default kl)",
+    )
     b.add_argument("--limit", type=_non_negative_int, default=None, help="read at most N documents")
     b.add_argument("--no-progress", action="store_true", help="no stage lines even on a terminal")
     _add_filter_flags(b)
@@ -302,6 +317,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from viscon_hub.build.driver import BuildConfig, build
     from viscon_hub.build.layout import parse_configs
     from viscon_hub.build.quality import MultipleChoiceQuality
+    from viscon_hub.generate.relevance import RelevanceConfig
     from viscon_hub.prepare.filters import FilterConfig
 
     dedup = DedupConfig()
@@ -332,6 +348,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
         mc = replace(mc, longest_ratio=args.mc_longest_ratio)
     values["multiple_choice"] = mc
     values["filters"] = _filter_config(args, FilterConfig())
+    values["relevance"] = RelevanceConfig(
+        model=args.relevance_model, min_relevance=args.min_relevance, on=args.relevance_on
+    )
     config = BuildConfig(**values)
     config = replace(config, engine=_engine_config(args, offline=config.offline))
     quiet = args.no_progress or not sys.stderr.isatty()

@@ -269,3 +269,66 @@ def test_min_relevance_drops_rounds_below_it_on_either_score():
     kept, counts = attach_scores(rec, scores)
     assert len(kept["qa_freeform"]) == 2 and not counts and kept["caption_relevance_kl"] is None
     assert kept["qa_freeform"][1]["relevance_pmi"] == 3.0
+
+
+def test_build_stores_scores_drops_low_rounds_and_plots_them(quickstart_build, tiny_vlm, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from viscon_hub.build.driver import write_dataset
+    from viscon_hub.build.layout import BUILD_INFO, SPLITS, data_path
+    from viscon_hub.generate.relevance import score_generations
+    from viscon_hub.publish.card import write_card
+
+    work = quickstart_build["config"].work
+    generations = tmp_path / "gen"
+    shutil.copytree(f"{work}/generations", generations)
+    # Four images (both context modes) keep the scoring quick on a CPU.
+    table = pq.read_table(generations / "generations" / "records.parquet")
+    keep = sorted(set(table.column("id").to_pylist()))[:4]
+    pq.write_table(
+        table.filter(pc.is_in(table.column("id"), pa.array(keep))),
+        generations / "generations" / "records.parquet",
+    )
+    images = f"{work}/contexts/images"
+    config = RelevanceConfig(model=f"transformers:{tiny_vlm}")
+    report = score_generations(
+        str(generations), config=config, cache=str(tmp_path / "cache"), image_store=images
+    )
+    assert report.rounds > 50 and report.scored == report.rounds
+    rerun = score_generations(
+        str(generations), config=config, cache=str(tmp_path / "cache"), image_store=images
+    )
+    assert rerun.engine["calls"] == 0 and rerun.scored == report.scored
+
+    kl = sorted(pq.read_table(generations / "generations" / "relevance.parquet").column("kl").to_pylist())
+    threshold = kl[len(kl) // 4]
+    out = tmp_path / "viscon"
+    common = dict(
+        generations=str(generations),
+        cache=quickstart_build["config"].cache,
+        extra_caches=quickstart_build["config"].extra_caches,
+        image_store=images,
+        configs=("contextual", "non_contextual", "leaky"),
+    )
+    write_dataset(output=str(out), relevance=RelevanceConfig(min_relevance=threshold), **common)
+    info = json.loads((out / BUILD_INFO).read_text())
+    dropped = sum(info["relevance"][m].get("relevance_dropped", 0) for m in ("contextual", "non_contextual"))
+    assert dropped > 0 and info["relevance"]["min_relevance"] == threshold
+    rows = [r for s in SPLITS for r in pq.read_table(out / data_path("contextual", s)).to_pylist()]
+    items = [qa for r in rows for qa in r["qa_freeform"] + r["qa_multiple_choice"]]
+    assert items and all(qa["relevance_kl"] >= threshold * (1 - 1e-6) for qa in items)
+    assert all(r["caption_relevance_kl"] is not None for r in rows)
+
+    write_card(out)
+    stats = json.loads((out / "stats.json").read_text())
+    assert set(stats["relevance"]["groups"]) == {
+        f"{m}/{k}"
+        for m in ("contextual", "non_contextual")
+        for k in ("caption", "freeform", "multiple_choice")
+    }
+    assert (out / "plots" / "relevance.png").is_file()
+    assert "C3L relevance" in (out / "README.md").read_text()

@@ -305,6 +305,7 @@ def test_every_statistic_present(folder):
             "primary_config",
             "provenance",
             "qa_counts",
+            "relevance",
             "stats_version",
             "usage",
         ]

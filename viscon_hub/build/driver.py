@@ -47,6 +47,7 @@ from viscon_hub.errors import ConfigError
 from viscon_hub.prepare.images import ImageStore
 from viscon_hub.build.merge import ConversationStyle, mix_rows, per_image_row, public_source, rounds_of
 from viscon_hub.build.quality import MultipleChoiceQuality, repair_multiple_choice
+from viscon_hub.generate.relevance import RelevanceConfig, attach_scores, read_scores
 from viscon_hub.prepare.filters import FilterConfig, ToxicText, drop_toxic_records
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class BuildConfig:
     conversation_style: str | None = None
     multiple_choice: MultipleChoiceQuality = field(default_factory=MultipleChoiceQuality)
     filters: FilterConfig = field(default_factory=FilterConfig)
+    relevance: RelevanceConfig = field(default_factory=RelevanceConfig)
 
     def __post_init__(self) -> None:
         quickstart = self.source is None and self.caption_model is None and self.qa_model is None
@@ -168,6 +170,22 @@ def build(config: BuildConfig, *, progress: Callable[[str], None] | None = None)
             engine=replace(config.engine, offline=config.offline),
         )
     )
+    scored = None
+    if config.relevance.model:
+        from viscon_hub.generate.relevance import score_generations
+
+        say("relevance")
+        scored = score_generations(
+            f"{work}/generations",
+            config=replace(
+                config.relevance,
+                base_url=config.relevance.base_url or config.base_url,
+                engine=replace(config.engine, offline=config.offline),
+            ),
+            cache=config.cache,
+            extra_caches=config.extra_caches,
+            image_store=f"{work}/contexts/images",
+        )
     say("merge")
     report = write_dataset(
         generations=f"{work}/generations",
@@ -181,12 +199,14 @@ def build(config: BuildConfig, *, progress: Callable[[str], None] | None = None)
         conversation_style=config.conversation_style,
         multiple_choice=config.multiple_choice,
         toxic_text=config.filters.toxic_threshold if config.filters.toxic_text else None,
+        relevance=config.relevance,
         source=config.source or SAMPLE_SOURCE,
         source_revision=config.revision,
     )
     report.stages = {
         "prepare": prep.to_dict(),
         "generate": gen.to_dict(),
+        **({"relevance": scored.to_dict()} if scored is not None else {}),
         "elapsed_s": round(time.monotonic() - started, 3),
     }
     return report
@@ -251,7 +271,16 @@ class Merger:
         per_image: bool = True,
         multiple_choice: MultipleChoiceQuality | None = None,
         toxic_text: float | None = None,
+        relevance: RelevanceConfig | None = None,
     ) -> None:
+        self.relevance_config = relevance or RelevanceConfig()
+        scores = read_scores(generations)
+        if self.relevance_config.min_relevance is not None and not scores:
+            raise ConfigError(
+                f"--min-relevance needs relevance scores, and {generations!r} has none: "
+                "add --relevance-model (transformers:... or openai:... on a vLLM server)"
+            )
+        self.relevance: dict[str, Counter[str]] = {m: Counter() for m in sorted(modes)}
         self.multiple_choice = multiple_choice or MultipleChoiceQuality()
         self.quality: dict[str, Counter[str]] = {m: Counter() for m in sorted(modes)}
         self.dedup_config = dedup or DedupConfig()
@@ -274,6 +303,14 @@ class Merger:
             if r["status"] != "ok":
                 self.drops[f"{r['context_mode']}/{r.get('drop_reason') or 'dropped'}"] += 1
                 continue
+            if scores:
+                r, counts = attach_scores(
+                    r,
+                    scores.get((r["context_mode"], r["id"]), {}),
+                    min_relevance=self.relevance_config.min_relevance,
+                    on=self.relevance_config.on,
+                )
+                self.relevance[r["context_mode"]].update(counts)
             self.ok[r["context_mode"]].append(r)
         if toxic_text is not None:
             text_filter = ToxicText(threshold=toxic_text)
@@ -355,6 +392,7 @@ def write_dataset(
     image_store: str | None = None,
     multiple_choice: MultipleChoiceQuality | None = None,
     toxic_text: float | None = None,
+    relevance: RelevanceConfig | None = None,
     source: str | None = None,
     source_revision: str | None = None,
 ) -> BuildReport:
@@ -372,6 +410,7 @@ def write_dataset(
         per_image=any(config_mix(c) is None for c in configs),
         multiple_choice=multiple_choice,
         toxic_text=toxic_text,
+        relevance=relevance,
     )
     out = Path(output)
     staging = out / ".staging"
@@ -416,6 +455,11 @@ def write_dataset(
         },
         "dedup": merger.dedup_info,
         "conversation_style": merger.style.version,
+        "relevance": {
+            "min_relevance": merger.relevance_config.min_relevance,
+            "on": merger.relevance_config.on,
+            **{mode: dict(sorted(c.items())) for mode, c in merger.relevance.items() if c},
+        },
         "multiple_choice": {
             "config": asdict(merger.multiple_choice),
             **{

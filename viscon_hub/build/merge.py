@@ -175,6 +175,8 @@ PER_IMAGE_KEYS = (
     "caption_template",
     "qa_freeform_template",
     "qa_multiple_choice_template",
+    "caption_relevance_kl",
+    "caption_relevance_pmi",
 )
 
 

@@ -125,7 +125,9 @@ def test_build_shuffles_flags_drops_and_reports(quickstart_build, tmp_path):
     plain = tmp_path / "plain"
     write_dataset(output=str(plain), multiple_choice=MultipleChoiceQuality(shuffle=False), **common)
     strict = tmp_path / "strict"
-    write_dataset(output=str(strict), multiple_choice=MultipleChoiceQuality(drop_flagged=True), **common)
+    # The bundled replies follow template v2 (options alike in length): a stricter ratio finds some.
+    tight = MultipleChoiceQuality(drop_flagged=True, longest_ratio=1.2)
+    write_dataset(output=str(strict), multiple_choice=tight, **common)
 
     shuffled = compute_stats(quickstart_build["dataset"])["multiple_choice"]
     before = compute_stats(plain)["multiple_choice"]
@@ -136,13 +138,13 @@ def test_build_shuffles_flags_drops_and_reports(quickstart_build, tmp_path):
             assert all(abs(s - 0.25) <= 0.1 for s in shares.values()), (config, shares)
     # The shuffle moves letters, not texts: the longest-option share stays; dropping flags lowers it.
     assert shuffled["configs"]["leaky"]["right_longest"] == before["configs"]["leaky"]["right_longest"]
-    flagged = shuffled["repair"]["contextual"]["length_flagged"]
-    assert flagged > 0 and shuffled["repair"]["contextual"]["length_dropped"] == 0
-    assert after["repair"]["contextual"]["length_dropped"] == flagged
+    assert shuffled["repair"]["contextual"]["length_dropped"] == 0
+    flagged = after["repair"]["contextual"]["length_flagged"]
+    assert flagged > 0 and after["repair"]["contextual"]["length_dropped"] == flagged
     assert after["configs"]["leaky"]["items"] == before["configs"]["leaky"]["items"] - flagged
     assert after["configs"]["leaky"]["length_flagged"] == 0
     assert (
         after["configs"]["leaky"]["right_longest_share"] < before["configs"]["leaky"]["right_longest_share"]
     )
     info = json.loads((strict / BUILD_INFO).read_text())
-    assert info["multiple_choice"]["config"] == {"drop_flagged": True, "longest_ratio": 1.5, "shuffle": True}
+    assert info["multiple_choice"]["config"] == {"drop_flagged": True, "longest_ratio": 1.2, "shuffle": True}

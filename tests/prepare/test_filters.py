@@ -251,3 +251,17 @@ def test_recipe_names_the_filters(tmp_path):
     recipe.write_text("prepare:\n  filters:\n    langs: [en]\n")
     with pytest.raises(ConfigError, match="langs"):
         PrepareConfig.from_recipe(recipe)
+
+
+def test_cli_flags_reach_the_filters(tmp_path, capsys):
+    from viscon_hub.cli import main
+
+    out = tmp_path / "out"
+    assert main(["prepare", "--no-images", "--no-progress", "--languages", "fr", "--output", str(out)]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    # The bundled sample is English: every page is dropped as wrong_language, counted, nothing crashes.
+    assert stats["dropped"] == {"wrong_language": stats["documents_read"]}
+    assert stats["filters"]["languages"] == ["fr"]
+    capsys.readouterr()
+    assert main(["prepare", "--languages", "french", "--output", str(out)]) != 0
+    assert "ISO 639" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from viscon_hub import __version__
 from viscon_hub.errors import VisconError
@@ -181,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-config", default=None, help="config of a Hub dataset")
     p.add_argument("--revision", default=None, help="revision of a Hub dataset")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    _add_filter_flags(p)
     p.set_defaults(func=_cmd_prepare)
 
     g = sub.add_parser(
@@ -271,6 +273,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="cosine similarity above which a question counts as a near-duplicate",
     )
     b.add_argument("--dedup-model", default=None, help="sentence-transformers model for the question dedup")
+    b.add_argument(
+        "--mc-longest-ratio",
+        type=float,
+        default=None,
+        help="flag a multiple-choice item whose right option is this many times longer than every other "
+        "(default 1.5)",
+    )
+    b.add_argument(
+        "--drop-length-tells", action="store_true", help="leave flagged multiple-choice items out (counted)"
+    )
+    b.add_argument(
+        "--no-option-shuffle", action="store_true", help="keep multiple-choice options in generated order"
+    )
+    b.add_argument(
+        "--relevance-model",
+        default=None,
+        help="score every round's C3L relevance with this VLM: transformers:PATH, or openai:MODEL on a "
+        "vLLM server (--base-url; it must answer prompt_logprobs)",
+    )
+    b.add_argument(
+        "--min-relevance", type=float, default=None, help="drop Q&A rounds whose relevance is below this"
+    )
+    b.add_argument(
+        "--relevance-on",
+        choices=["kl", "pmi"],
+        default="kl",
+        help="the score --min-relevance reads (default kl)",
+    )
     b.add_argument("--limit", type=_non_negative_int, default=None, help="read at most N documents")
     b.add_argument(
         "--max-shard-size",
@@ -278,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest Parquet file per config and split, e.g. 500MB or 200KB (default 500MB, as push_to_hub)",
     )
     b.add_argument("--no-progress", action="store_true", help="no stage lines even on a terminal")
+    _add_filter_flags(b)
     b.set_defaults(func=_cmd_build)
 
     e = sub.add_parser(
@@ -361,6 +392,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from viscon_hub.build.dedup import DedupConfig
     from viscon_hub.build.driver import BuildConfig, build
     from viscon_hub.build.layout import parse_configs
+    from viscon_hub.build.quality import MultipleChoiceQuality
+    from viscon_hub.generate.relevance import RelevanceConfig
+    from viscon_hub.prepare.filters import FilterConfig
 
     dedup = DedupConfig()
     if args.dedup_threshold is not None:
@@ -386,6 +420,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
     }
     if args.test_fraction is not None:
         values["test_fraction"] = args.test_fraction
+    mc = MultipleChoiceQuality(shuffle=not args.no_option_shuffle, drop_flagged=args.drop_length_tells)
+    if args.mc_longest_ratio is not None:
+        mc = replace(mc, longest_ratio=args.mc_longest_ratio)
+    values["multiple_choice"] = mc
+    values["filters"] = _filter_config(args, FilterConfig())
+    values["relevance"] = RelevanceConfig(
+        model=args.relevance_model, min_relevance=args.min_relevance, on=args.relevance_on
+    )
     config = BuildConfig(**values)
     config = replace(config, engine=_engine_config(args, offline=config.offline))
     quiet = args.no_progress or not sys.stderr.isatty()
@@ -554,6 +596,36 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_filter_flags(parser: argparse.ArgumentParser) -> None:
+    f = parser.add_argument_group("safety and language filters (pip install 'viscon-hub[safety]')")
+    f.add_argument("--languages", default=None, help="keep pages in these languages, e.g. en or en,de")
+    f.add_argument("--opt-out", default=None, help="file of opted-out domains / URL patterns, one a line")
+    f.add_argument(
+        "--toxic-text", action="store_true", help="drop pages (and, in build, generations) with toxic text"
+    )
+    f.add_argument("--nsfw-images", action="store_true", help="drop images nudenet finds explicit")
+    f.add_argument(
+        "--near-duplicate-images",
+        action="store_true",
+        help="drop an image an earlier document already showed (same perceptual hash)",
+    )
+
+
+def _filter_config(args: argparse.Namespace, base: Any) -> Any:
+    """``base`` (a FilterConfig, e.g. from a recipe) with the filter flags given on the command line."""
+    from dataclasses import replace
+
+    changes: dict[str, Any] = {}
+    if args.languages is not None:
+        changes["languages"] = tuple(x for x in args.languages.split(",") if x.strip())
+    if args.opt_out is not None:
+        changes["opt_out"] = args.opt_out
+    for name in ("toxic_text", "nsfw_images", "near_duplicate_images"):
+        if getattr(args, name):
+            changes[name] = True
+    return replace(base, **changes) if changes else base
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -589,6 +661,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         fetch_overrides["timeout_s"] = args.timeout
     if fetch_overrides:
         config = replace(config, fetch=replace(config.fetch, **fetch_overrides))
+    config = replace(config, filters=_filter_config(args, config.filters))
 
     bar = None
     if not args.no_progress and sys.stderr.isatty():

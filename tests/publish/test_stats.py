@@ -299,11 +299,13 @@ def test_every_statistic_present(folder):
             "dropped",
             "generation",
             "image_sizes",
+            "multiple_choice",
             "non_contextual_baseline",
             "overlap",
             "primary_config",
             "provenance",
             "qa_counts",
+            "relevance",
             "stats_version",
             "usage",
         ]

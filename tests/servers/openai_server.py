@@ -13,6 +13,11 @@ The reply is chosen from the system text and the text of the last user message:
 - else: a caption of 4-5 sentences naming the page host, a few context words and the sha256 prefix of
   each image data URL, so different images give different captions.
 
+With ``prompt_logprobs: k`` in the body (vLLM's extension, used to score answers), the reply also
+carries ``prompt_logprobs`` and ``prompt_token_ids`` for the rendered prompt (see
+:func:`prompt_logprobs_fields`): whitespace-led word tokens, each with a deterministic distribution
+over itself and ``k`` other words that depends on every earlier token and on the images.
+
 Endpoints: ``POST /v1/chat/completions`` (no streaming), ``GET /v1/models``, the Files and Batch API
 (``POST /v1/files``, ``GET /v1/files/{id}/content``, ``POST /v1/batches``, ``GET /v1/batches/{id}``,
 with expiry, failed lines and lying output files: see ``BATCH_PLAN_DEFAULTS``) and, for tests,
@@ -61,6 +66,7 @@ import binascii
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -68,7 +74,7 @@ import signal
 import sys
 import threading
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -497,6 +503,73 @@ def make_reply(fp: str, parsed: _Parsed) -> _Reply:
     return _Reply(parsed.model, content, finish_reason, parsed.prompt_tokens, body)
 
 
+# --- prompt_logprobs (vLLM's extension) ---------------------------------------------------------
+
+_PROMPT_WORDS = tuple(
+    "the a of and to in is on with red blue small large cat dog tree river stone bread cup table "
+    "left right three four two one old new bright dark near far under over".split()
+)
+_PROMPT_TOKEN = re.compile(r"\s*\S+")
+
+
+def _token_id(token: str) -> int:
+    return 100 + int(hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:8], 16) % 30000
+
+
+def prompt_logprobs_fields(body: dict[str, Any], k: int) -> dict[str, Any]:
+    """``prompt_logprobs`` and ``prompt_token_ids`` for the prompt this body renders to.
+
+    The prompt is ``role: text`` per message (an image is ``<image>``), one line each; with
+    ``continue_final_message`` the last message is left open, so the prompt ends with its text. Each
+    position's distribution is seeded by the text before it and the sha256 of every image, so a
+    prompt with an image and the same prompt without it give different log-probabilities.
+    """
+    images: list[str] = []
+    lines = []
+    for i, message in enumerate(body["messages"]):
+        content = message.get("content")
+        parts = [content] if isinstance(content, str) else []
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            text = _part_text(part, f"messages[{i}].content[{j}]", images)
+            parts.append(text if part.get("type") == "text" else "<image>")
+        lines.append(f"{message['role']}: {''.join(parts)}")
+    prompt = "\n".join(lines)
+    if not body.get("continue_final_message"):
+        prompt += "\nassistant:"
+    tokens = _PROMPT_TOKEN.findall(prompt)
+    ids = [_token_id(t) for t in tokens]
+    seen = "|".join(images)
+    out: list[Any] = [None]
+    for i in range(1, len(tokens)):
+        rng = random.Random(
+            hashlib.sha256(f"{seen}#{''.join(tokens[:i])}".encode("utf-8", "surrogatepass")).digest()
+        )
+        others = [
+            w for w in rng.sample(_PROMPT_WORDS, min(k, len(_PROMPT_WORDS))) if _token_id(" " + w) != ids[i]
+        ]
+        candidates = [(ids[i], tokens[i])] + [(_token_id(" " + w), " " + w) for w in others[:k]]
+        logits = [rng.gauss(0.0, 2.0) for _ in candidates]
+        # A fixed share of mass lies outside the listed tokens, as with any top-k list.
+        norm = math.log(sum(math.exp(x) for x in logits) + math.exp(max(logits)))
+        ranked = sorted(range(len(candidates)), key=lambda c: -logits[c])
+        out.append(
+            {
+                str(tid): {"logprob": logits[c] - norm, "rank": ranked.index(c) + 1, "decoded_token": text}
+                for c, (tid, text) in enumerate(candidates)
+            }
+        )
+    return {"prompt_logprobs": out, "prompt_token_ids": ids}
+
+
+def _with_prompt_logprobs(reply: _Reply, body: dict[str, Any]) -> _Reply:
+    k = body.get("prompt_logprobs")
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 20:
+        raise _BadRequest(f"'prompt_logprobs' must be an integer in [0, 20], got {k!r}", "prompt_logprobs")
+    data = json.loads(reply.body)
+    data.update(prompt_logprobs_fields(body, k))
+    return replace(reply, body=json.dumps(data, ensure_ascii=False).encode("utf-8"))
+
+
 class ServerState:
     """Counters, the fault plan and the reply cache; touched only from the server's event loop."""
 
@@ -611,6 +684,11 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     await state.pause(state.latency_s)
     rule = state.pick_fault(fp, parsed.text)
     reply = state.reply_for(fp, parsed)
+    if body.get("prompt_logprobs") is not None:
+        try:
+            reply = _with_prompt_logprobs(reply, body)
+        except _BadRequest as e:
+            return _respond(state, 400, _error(400, str(e), "invalid_request_error", param=e.param))
     if rule is None:
         return _respond(state, 200, web.Response(body=reply.body, content_type="application/json"))
     return await _inject(state, request, rule, fp, reply)

@@ -14,6 +14,7 @@ stage line) before anything is written.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -37,9 +38,12 @@ from viscon_hub.build.layout import (
     write_minimal_readme,
 )
 from viscon_hub.build.merge import Merger, public_source
+from viscon_hub.build.quality import MultipleChoiceQuality
 from viscon_hub.build.writer import ShardWriter, fresh_staging, swap_in, write_build_info
 from viscon_hub.engine import EngineConfig
 from viscon_hub.errors import ConfigError
+from viscon_hub.generate.relevance import RelevanceConfig
+from viscon_hub.prepare.filters import FilterConfig
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +79,9 @@ class BuildConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     conversation_style: str | None = None
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+    multiple_choice: MultipleChoiceQuality = field(default_factory=MultipleChoiceQuality)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    relevance: RelevanceConfig = field(default_factory=RelevanceConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
@@ -140,7 +147,11 @@ def build(config: BuildConfig, *, progress: Callable[[str], None] | None = None)
     say("prepare")
     prep = prepare(
         PrepareConfig(
-            source=config.source, output=f"{work}/contexts", limit=config.limit, revision=config.revision
+            source=config.source,
+            output=f"{work}/contexts",
+            limit=config.limit,
+            revision=config.revision,
+            filters=config.filters,
         )
     )
     if prep.documents_read and not prep.images_kept:
@@ -167,6 +178,22 @@ def build(config: BuildConfig, *, progress: Callable[[str], None] | None = None)
             engine=replace(config.engine, offline=config.offline),
         )
     )
+    scored = None
+    if config.relevance.model:
+        from viscon_hub.generate.relevance import score_generations
+
+        say("relevance")
+        scored = score_generations(
+            f"{work}/generations",
+            config=replace(
+                config.relevance,
+                base_url=config.relevance.base_url or config.base_url,
+                engine=replace(config.engine, offline=config.offline),
+            ),
+            cache=config.cache,
+            extra_caches=config.extra_caches,
+            image_store=f"{work}/contexts/images",
+        )
     say("merge")
     report = write_dataset(
         generations=f"{work}/generations",
@@ -178,6 +205,9 @@ def build(config: BuildConfig, *, progress: Callable[[str], None] | None = None)
         dedup=config.dedup,
         offline=config.offline,
         conversation_style=config.conversation_style,
+        multiple_choice=config.multiple_choice,
+        toxic_text=config.filters.toxic_threshold if config.filters.toxic_text else None,
+        relevance=config.relevance,
         source=config.source or SAMPLE_SOURCE,
         source_revision=config.revision,
         max_shard_size=config.max_shard_size,
@@ -186,6 +216,7 @@ def build(config: BuildConfig, *, progress: Callable[[str], None] | None = None)
     report.stages = {
         "prepare": prep.to_dict(),
         "generate": gen.to_dict(),
+        **({"relevance": scored.to_dict()} if scored is not None else {}),
         "elapsed_s": round(time.monotonic() - started, 3),
     }
     return report
@@ -203,6 +234,9 @@ def write_dataset(
     offline: bool = True,
     conversation_style: str | None = None,
     image_store: str | None = None,
+    multiple_choice: MultipleChoiceQuality | None = None,
+    toxic_text: float | None = None,
+    relevance: RelevanceConfig | None = None,
     source: str | None = None,
     source_revision: str | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
@@ -220,6 +254,9 @@ def write_dataset(
         conversation_style=conversation_style,
         image_store=image_store,
         per_image=any(config_mix(c) is None for c in configs),
+        multiple_choice=multiple_choice,
+        toxic_text=toxic_text,
+        relevance=relevance,
     )
     out = Path(output)
     try:
@@ -253,6 +290,7 @@ def write_dataset(
         output=str(out), rows=writer.counts, dropped=merger.dropped(), dedup=merger.dedup_info
     )
     gen_stats = merger.generation_stats
+    prepared = _prepare_stats(gen_stats)
     info = {
         "viscon_hub_version": __version__,
         "configs": list(configs),
@@ -262,9 +300,29 @@ def write_dataset(
         "bytes": {c: writer.bytes[c] for c in configs},
         "test_fraction": test_fraction,
         "pages": merger.pages,
-        "dropped": {"merge": report.dropped, "generate": gen_stats.get("dropped", {})},
+        "dropped": {
+            "prepare": prepared.get("dropped", {}),
+            "merge": report.dropped,
+            "generate": gen_stats.get("dropped", {}),
+        },
+        "filters": {
+            **prepared.get("filters", {}),
+            **({"toxic_generations": toxic_text} if toxic_text else {}),
+        },
         "dedup": merger.dedup_info,
         "conversation_style": merger.style.version,
+        "relevance": {
+            "min_relevance": merger.relevance_config.min_relevance,
+            "on": merger.relevance_config.on,
+            **{mode: dict(sorted(c.items())) for mode, c in merger.relevance.items() if c},
+        },
+        "multiple_choice": {
+            "config": asdict(merger.multiple_choice),
+            **{
+                mode: {k: c[k] for k in ("length_flagged", "length_dropped")}
+                for mode, c in merger.quality.items()
+            },
+        },
         "generation": {
             k: gen_stats.get(k) for k in ("caption_model", "qa_model", "context", "records", "records_ok")
         },
@@ -276,6 +334,18 @@ def write_dataset(
     write_build_info(out / BUILD_INFO, info)
     write_minimal_readme(out, configs)
     return report
+
+
+def _prepare_stats(gen_stats: dict[str, Any]) -> dict[str, Any]:
+    """The prepare run's stats.json behind a generate run (its drops and filters), or {} when not found."""
+    contexts = gen_stats.get("contexts")
+    path = Path(contexts) / "stats.json" if isinstance(contexts, str) else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return {}
 
 
 __all__ = ["BuildConfig", "BuildReport", "build", "write_dataset"]

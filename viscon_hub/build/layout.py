@@ -170,9 +170,24 @@ def per_image_features():
             "context_tokens": Value("int32"),
             "context_mode": Value("string"),
             "caption": Value("string"),
-            "qa_freeform": List({"question": Value("string"), "answer": Value("string")}),
+            "caption_relevance_kl": Value("float32"),
+            "caption_relevance_pmi": Value("float32"),
+            "qa_freeform": List(
+                {
+                    "question": Value("string"),
+                    "answer": Value("string"),
+                    "relevance_kl": Value("float32"),
+                    "relevance_pmi": Value("float32"),
+                }
+            ),
             "qa_multiple_choice": List(
-                {"question": Value("string"), "options": List(Value("string")), "answer": Value("string")}
+                {
+                    "question": Value("string"),
+                    "options": List(Value("string")),
+                    "answer": Value("string"),
+                    "relevance_kl": Value("float32"),
+                    "relevance_pmi": Value("float32"),
+                }
             ),
             "questions_generated": Value("int32"),
             "questions_removed_by_dedup": Value("int32"),

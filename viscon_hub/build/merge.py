@@ -40,7 +40,10 @@ import yaml
 
 from viscon_hub.build.dedup import DedupConfig, dedup_questions
 from viscon_hub.build.layout import DEFAULT_TEST_FRACTION, MIXES, config_mix, config_mode
+from viscon_hub.build.quality import MultipleChoiceQuality, repair_multiple_choice
 from viscon_hub.errors import ConfigError
+from viscon_hub.generate.relevance import RelevanceConfig, attach_scores, read_scores
+from viscon_hub.prepare.filters import drop_toxic_records
 from viscon_hub.records import (
     GENERATION_COLUMNS,
     GENERATION_KEY_COLUMNS,
@@ -198,7 +201,7 @@ PER_IMAGE_KEYS = tuple(
         "qa_model",
         *GENERATION_TEMPLATE_COLUMNS,
     }
-)
+) + ("caption_relevance_kl", "caption_relevance_pmi")  # from generate.relevance, when scored
 # What the mixes read: the page, the mode and status, the caption and Q&A, the image; never the
 # page text, which only the per-image configs show.
 MIX_COLUMNS = tuple(
@@ -409,8 +412,24 @@ class Merger:
         image_store: str | None = None,
         per_image: bool = True,
         batch_size: int = READ_BATCH,
+        multiple_choice: MultipleChoiceQuality | None = None,
+        toxic_text: float | None = None,
+        relevance: RelevanceConfig | None = None,
     ) -> None:
+        from viscon_hub.prepare.filters import ToxicText
         from viscon_hub.prepare.images import ImageStore
+
+        self.relevance_config = relevance or RelevanceConfig()
+        self.scores = read_scores(generations)
+        if self.relevance_config.min_relevance is not None and not self.scores:
+            raise ConfigError(
+                f"--min-relevance needs relevance scores, and {generations!r} has none: "
+                "add --relevance-model (transformers:... or openai:... on a vLLM server)"
+            )
+        self.relevance: dict[str, Counter[str]] = {m: Counter() for m in sorted(modes)}
+        self.multiple_choice = multiple_choice or MultipleChoiceQuality()
+        self.quality: dict[str, Counter[str]] = {m: Counter() for m in sorted(modes)}
+        self.toxic = ToxicText(threshold=toxic_text) if toxic_text is not None else None
 
         self.dedup_config = dedup or DedupConfig()
         self.style = ConversationStyle.load(conversation_style)
@@ -567,8 +586,20 @@ class Merger:
                     reason = _unusable(r)
                     if reason:
                         self.drops[f"{mode}/{reason}"] += 1
-                    else:
-                        ok.append(r)
+                        continue
+                    if self.scores:
+                        r, counts = attach_scores(
+                            r,
+                            self.scores.get((mode, r["id"]), {}),
+                            min_relevance=self.relevance_config.min_relevance,
+                            on=self.relevance_config.on,
+                        )
+                        self.relevance[mode].update(counts)
+                    ok.append(r)
+                if self.toxic is not None and ok:
+                    ok, n = drop_toxic_records(ok, self.toxic)
+                    if n:
+                        self.drops[f"{mode}/toxic_text"] += n
                 generated = self._dedup(mode, ok) if ok else {}
                 for r in ok:
                     yield from self._rows(r, mode, mode_configs, generated[r["id"]])
@@ -592,6 +623,8 @@ class Merger:
         image = {"bytes": data, "path": f"{sha}.{_ext(r)}"}
         try:
             split = self.split_of(r)
+            r, flags = repair_multiple_choice(r, self.multiple_choice)
+            self.quality[mode].update(flags)
             rounds = rounds_of(r, self.style)
             made = []
             for c in mode_configs:

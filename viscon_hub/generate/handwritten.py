@@ -29,8 +29,13 @@ SPEC = f"openai:{MODEL}"
 
 
 def handwritten_entries(contexts_dir: str) -> list[Completion]:
-    """Cache entries for every handwritten reply, keyed for the contexts prepared under ``contexts_dir``."""
-    contexts = {c.id: c for c in read_contexts(contexts_dir)}
+    """Cache entries for every handwritten reply, keyed for the contexts prepared under ``contexts_dir``.
+
+    Lines are matched to contexts by order (the file follows the order the contexts are prepared in):
+    a context id hashes the image's file path, so it differs from one install location to the next.
+    """
+    contexts = list(read_contexts(contexts_dir))
+    order: dict[str, int] = {}
     ff = _Stage(load_template("qa_freeform"), SPEC)
     mc = _Stage(load_template("qa_multiple_choice"), SPEC)
     entries = []
@@ -38,7 +43,7 @@ def handwritten_entries(contexts_dir: str) -> list[Completion]:
         if not line.strip():
             continue
         item = json.loads(line)
-        ctx = contexts[item["context_id"]]
+        ctx = contexts[order.setdefault(item["context_id"], len(order))]
         mode = item["mode"]
         caption_stage = _Stage(load_template(CAPTION_TEMPLATES[mode]), SPEC)
         caption_req = caption_stage.request(caption_messages(caption_stage.template, ctx, mode))
@@ -61,6 +66,8 @@ def handwritten_entries(contexts_dir: str) -> list[Completion]:
                     timestamp=1.0,
                 )
             )
+    if len(order) != len(contexts):
+        raise ValueError(f"{HANDWRITTEN} answers {len(order)} contexts; the sample prepares {len(contexts)}")
     return entries
 
 

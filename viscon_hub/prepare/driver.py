@@ -33,6 +33,7 @@ from viscon_hub import __version__
 from viscon_hub.errors import ConfigError
 from viscon_hub.fsutil import is_local
 from viscon_hub.prepare.contexts import extract_contexts
+from viscon_hub.prepare.filters import FilterConfig, Filters
 from viscon_hub.prepare.images import FetchPolicy, ImageStore, acquire_images_sync
 from viscon_hub.prepare.readers import RawRow, read_rows, resolve_source
 from viscon_hub.prepare.tokens import TokenCounter
@@ -62,6 +63,7 @@ class PrepareConfig:
     dataset_config: str | None = None
     revision: str | None = None
     image_roots: tuple[str, ...] = ()
+    filters: FilterConfig = field(default_factory=FilterConfig)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -123,6 +125,17 @@ class PrepareConfig:
         if "fetch" in overrides and overrides["fetch"] is not None:
             fetch = overrides["fetch"]
         merged["fetch"] = fetch
+        filters = merged.get("filters")
+        if isinstance(filters, dict):
+            filter_known = {f.name for f in fields(FilterConfig)}
+            bad = sorted(set(filters) - filter_known)
+            if bad:
+                raise ConfigError(
+                    f"recipe {path}: unknown filters option(s) {bad}; known: {sorted(filter_known)}"
+                )
+            merged["filters"] = FilterConfig(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in filters.items()}
+            )
         return cls(**merged)
 
 
@@ -169,6 +182,7 @@ def prepare(config: PrepareConfig, *, progress: Callable[[int], None] | None = N
     store = ImageStore(config.store_url) if config.fetch_images else None
     stats = PrepareStats()
     seen: set[str] = set()
+    filters = Filters(config.filters) if config.filters.active else None
     out = _Output(config)
     try:
         rows = read_rows(
@@ -182,10 +196,18 @@ def prepare(config: PrepareConfig, *, progress: Callable[[int], None] | None = N
         )
         for batch in _batched(rows, config.batch_size):
             contexts = process_batch(
-                batch, config=config, counter=counter, stats=stats, drops=out.drops, seen=seen
+                batch,
+                config=config,
+                counter=counter,
+                stats=stats,
+                drops=out.drops,
+                seen=seen,
+                filters=filters,
             )
             if store is not None:
-                contexts = _attach_images(contexts, config=config, store=store, stats=stats, drops=out.drops)
+                contexts = _attach_images(
+                    contexts, config=config, store=store, stats=stats, drops=out.drops, filters=filters
+                )
             stats.images_kept += len(contexts)
             out.write(contexts)
             if progress is not None:
@@ -199,6 +221,7 @@ def prepare(config: PrepareConfig, *, progress: Callable[[int], None] | None = N
         "source": spec.location if spec.kind == "hub" else (config.source or "sample"),
         "tokenizer": counter.spec,
         "max_tokens": config.max_tokens,
+        "filters": config.filters.recipe(),
         "image_store": config.store_url if store is not None else None,
         "viscon_hub_version": __version__,
         "elapsed_s": round(time.monotonic() - started, 3),
@@ -216,8 +239,9 @@ def process_batch(
     stats: PrepareStats,
     drops: _DropLog | None = None,
     seen: set[str] | None = None,
+    filters: Filters | None = None,
 ) -> list[ImageContext]:
-    """Validate, token-filter and extract contexts for one batch of raw rows (no image I/O).
+    """Validate, filter (``filters``), token-filter and extract contexts for one batch of raw rows (no image I/O).
 
     ``seen`` holds the ids of documents already kept: the same page (URL and content) again is a
     ``duplicate_document`` drop, so that one id never names two rows.
@@ -245,6 +269,8 @@ def process_batch(
             continue
         docs.append(doc)
     stats.documents_valid += len(docs)
+    if filters is not None:
+        docs = _filter_documents(docs, filters=filters, stats=stats, drops=drops)
 
     texts = [d.text for d in docs]
     to_count = [i for i, t in enumerate(texts) if not counter.surely_over(t, config.max_tokens)]
@@ -272,6 +298,21 @@ def process_batch(
     return contexts
 
 
+def _filter_documents(
+    docs: list[Document], *, filters: Filters, stats: PrepareStats, drops: _DropLog | None
+) -> list[Document]:
+    kept = []
+    for doc in docs:
+        reason = filters.document(doc)
+        if reason is None:
+            kept.append(doc)
+            continue
+        stats.drop(reason)
+        if drops is not None:
+            drops.add(source=doc.source, row=doc.row, reason=reason, document_id=doc.id)
+    return kept
+
+
 def _attach_images(
     contexts: list[ImageContext],
     *,
@@ -279,6 +320,7 @@ def _attach_images(
     store: ImageStore,
     stats: PrepareStats,
     drops: _DropLog,
+    filters: Filters | None = None,
 ) -> list[ImageContext]:
     sources = [ImageSource(url=c.image_url, path=c.image_path, data=c.image_bytes) for c in contexts]
     results = acquire_images_sync(sources, policy=config.fetch, store=store)
@@ -299,6 +341,18 @@ def _attach_images(
         ctx.image_sha256 = result.sha256
         ctx.width, ctx.height, ctx.image_format = result.width, result.height, result.format
         ctx.image_bytes = None  # the bytes live in the content-addressed store, keyed by image_sha256
+        if filters is not None:
+            reason = filters.image(ctx, store.get(result.sha256) if filters.needs_bytes else None)
+            if reason is not None:
+                stats.drop(reason)
+                drops.add(
+                    source=ctx.source,
+                    row=ctx.row,
+                    reason=reason,
+                    document_id=ctx.document_id,
+                    image_index=ctx.image_index,
+                )
+                continue
         kept.append(ctx)
     return kept
 
@@ -381,6 +435,7 @@ def _write_stats(config: PrepareConfig, summary: dict[str, Any]) -> None:
             "source": summary["source"],
             "tokenizer": summary["tokenizer"],
             "max_tokens": summary["max_tokens"],
+            "filters": summary["filters"],
             "image_store": summary["image_store"],
             "viscon_hub_version": __version__,
         }

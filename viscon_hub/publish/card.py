@@ -52,7 +52,14 @@ from viscon_hub.build.layout import (
     per_image_features,
 )
 from viscon_hub.errors import ConfigError
-from viscon_hub.publish.stats import PLOT_FILES, PLOTS_DIR, compute_stats, write_plots, write_stats
+from viscon_hub.publish.stats import (
+    OPTIONAL_PLOT_FILES,
+    PLOT_FILES,
+    PLOTS_DIR,
+    compute_stats,
+    write_plots,
+    write_stats,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -121,10 +128,22 @@ PER_IMAGE_FIELDS = {
     "context_tokens": ("int32", "tokens of the page text under the LLaMA/Vicuna tokenizer (-1: unknown)"),
     "context_mode": ("string", "`contextual` or `non_contextual`: whether the caption model saw the context"),
     "caption": ("string", "the generated detailed caption"),
-    "qa_freeform": ("list of {question, answer}", "free-form Q&A kept after dedup"),
+    "caption_relevance_kl": (
+        "float32",
+        "C3L relevance of the caption: mean per-token KL between the scorer's answer distributions with "
+        "and without the image (null: not scored)",
+    ),
+    "caption_relevance_pmi": (
+        "float32",
+        "log P(caption | image) - log P(caption) under the scorer (null: not scored)",
+    ),
+    "qa_freeform": (
+        "list of {question, answer, relevance_kl, relevance_pmi}",
+        "free-form Q&A kept after dedup, with their C3L relevance scores (null: not scored)",
+    ),
     "qa_multiple_choice": (
-        "list of {question, options[4], answer}",
-        "multiple-choice Q&A kept after dedup; `answer` is the letter A-D",
+        "list of {question, options[4], answer, relevance_kl, relevance_pmi}",
+        "multiple-choice Q&A kept after dedup; `answer` is the letter A-D; relevance scores as above",
     ),
     "questions_generated": ("int32", "free-form plus multiple-choice questions before dedup"),
     "questions_removed_by_dedup": ("int32", "questions the dedup removed"),
@@ -492,7 +511,8 @@ def _fields(features: Any, described: dict[str, tuple[str, str]]) -> list[dict[s
 
 def _plots(root: Path) -> dict[str, str]:
     """Relative links of the plots present, keyed like :data:`viscon_hub.publish.stats.PLOT_FILES`."""
-    return {k: f"{PLOTS_DIR}/{f}" for k, f in PLOT_FILES.items() if (root / PLOTS_DIR / f).is_file()}
+    files = {**PLOT_FILES, **OPTIONAL_PLOT_FILES}
+    return {k: f"{PLOTS_DIR}/{f}" for k, f in files.items() if (root / PLOTS_DIR / f).is_file()}
 
 
 def _build_cost(usage: dict[str, Any], provenance: dict[str, Any]) -> dict[str, Any]:

@@ -149,7 +149,7 @@ def compute_stats(dataset_dir: str | Path) -> dict[str, Any]:
     """Statistics of a built dataset folder (see the module doc); JSON-ready, deterministic.
 
     Top-level keys: ``answer_length``, ``caption_length``, ``caption_word_frequencies``, ``configs``,
-    ``context_tokens``, ``dedup``, ``dropped``, ``generation``, ``image_sizes``,
+    ``context_tokens``, ``dedup``, ``dropped``, ``generation``, ``image_sizes``, ``multiple_choice``,
     ``non_contextual_baseline``, ``overlap``, ``primary_config``, ``provenance``, ``qa_counts``,
     ``stats_version``, ``usage``. A figure that the folder cannot give (no per-image config, no build
     info) is None or empty, never made up.
@@ -191,6 +191,8 @@ def compute_stats(dataset_dir: str | Path) -> dict[str, Any]:
             else None
         ),
         "dedup": _dedup(scans, info),
+        "multiple_choice": _multiple_choice(root, rows, info, stemmer=stemmer),
+        "relevance": _relevance(root, present, info),
         "dropped": info.get("dropped") or {},
         "generation": info.get("generation") or {},
         "usage": _usage(info),
@@ -507,6 +509,99 @@ def _float_edges(values: np.ndarray, *, target: int = 20) -> list[float]:
 # --- from viscon_build.json ---------------------------------------------------------------------
 
 
+def _multiple_choice(
+    root: Path, rows: dict[str, dict[str, int]], info: dict[str, Any], *, stemmer: Stemmer
+) -> dict[str, Any]:
+    """Per config: the three tells of multiple-choice items (see ``build/quality.py``) and the merge's repair.
+
+    Per-image configs are read from ``qa_multiple_choice``; mixes from their multiple-choice user turns
+    and the letter answering each, so a figure describes the rows a trainer sees.
+    """
+    from viscon_hub.build.quality import MultipleChoiceAudit, MultipleChoiceQuality, parse_turn
+
+    repair = dict(info.get("multiple_choice") or {})
+    ratio = (repair.get("config") or {}).get("longest_ratio") or MultipleChoiceQuality().longest_ratio
+
+    def stems(text: str) -> set[str]:
+        return {stemmer(w) for w in content_words(text)}
+
+    out: dict[str, Any] = {}
+    for config in rows:
+        audit = MultipleChoiceAudit(words=stems, ratio=ratio)
+        if config in PER_IMAGE_CONFIGS:
+            for b in iter_batches(root, config, ["qa_multiple_choice"]):
+                for items in b["qa_multiple_choice"]:
+                    for item in items or ():
+                        audit.add(item["question"], list(item["options"]), item["answer"])
+        else:
+            for b in iter_batches(root, config, ["messages", "round_types"]):
+                for messages, kinds in zip(b["messages"], b["round_types"], strict=True):
+                    for i, kind in enumerate(kinds or ()):
+                        parsed = parse_turn(messages[2 * i]["content"]) if kind == "multiple_choice" else None
+                        if parsed is not None:
+                            audit.add(parsed[0], parsed[1], messages[2 * i + 1]["content"].strip())
+        if audit.items:
+            out[config] = audit.to_dict()
+    return {"configs": out, "repair": repair}
+
+
+def _relevance(root: Path, configs: list[str], info: dict[str, Any]) -> dict[str, Any]:
+    """C3L relevance scores (``generate/relevance.py``) per context mode and round type, from the per-image configs.
+
+    ``groups`` holds a summary of each score per ``<config>/<round type>``; ``histograms`` one shared
+    set of edges per score and the counts of every group over it, so the groups plot on one axis.
+    """
+    values: dict[str, dict[str, list[float]]] = {}
+    for config in configs:
+        names = set(
+            pq.ParquetFile(root / data_files(root, config, _splits(root, config)[0])[0]).schema_arrow.names
+        )
+        if "caption_relevance_kl" not in names:
+            continue
+        columns = ["caption_relevance_kl", "caption_relevance_pmi", "qa_freeform", "qa_multiple_choice"]
+        for b in iter_batches(root, config, columns):
+            for i in range(len(b["qa_freeform"])):
+                rounds = [("caption", b["caption_relevance_kl"][i], b["caption_relevance_pmi"][i])]
+                for kind in ("freeform", "multiple_choice"):
+                    rounds += [
+                        (kind, qa.get("relevance_kl"), qa.get("relevance_pmi"))
+                        for qa in b[f"qa_{kind}"][i] or ()
+                    ]
+                for kind, kl, pmi in rounds:
+                    if kl is None or pmi is None:
+                        continue
+                    group = values.setdefault(f"{config}/{kind}", {"kl": [], "pmi": []})
+                    group["kl"].append(kl)
+                    group["pmi"].append(pmi)
+    out: dict[str, Any] = {"groups": {}, "histograms": {}, "build": info.get("relevance") or {}}
+    if not values:
+        return out
+    for score in ("kl", "pmi"):
+        every = np.asarray([v for g in values.values() for v in g[score]], dtype=np.float64)
+        edges = _signed_edges(every)
+        out["histograms"][score] = {
+            "edges": edges,
+            "counts": {
+                name: _histogram(np.asarray(g[score], dtype=np.float64), edges)["counts"]
+                for name, g in sorted(values.items())
+            },
+        }
+    out["groups"] = {
+        name: {score: _summary(np.asarray(g[score], dtype=np.float64)) for score in ("kl", "pmi")}
+        for name, g in sorted(values.items())
+    }
+    return out
+
+
+def _signed_edges(values: np.ndarray, *, target: int = 20) -> list[float]:
+    """Round-width edges covering ``values`` (negative ones too), about ``target`` bins."""
+    lo, hi = float(values.min()), float(values.max())
+    width = _nice((hi - lo) / target) if hi > lo else 1.0
+    start = math.floor(lo / width)
+    n = int(math.floor(hi / width)) - start + 2
+    return [_round((start + i) * width) for i in range(n)]
+
+
 def _dedup(scans: dict[str, _PerImage], info: dict[str, Any]) -> dict[str, Any]:
     per_image = {
         c: {
@@ -558,6 +653,7 @@ def _provenance(info: dict[str, Any], scans: dict[str, _PerImage]) -> dict[str, 
         "rows_build": info.get("rows") or {},
         "pages": info.get("pages") or {},
         "test_fraction": info.get("test_fraction"),
+        "filters": info.get("filters") or {},
     }
 
 
@@ -572,6 +668,8 @@ PLOT_FILES = {
     "image_sizes": "image_sizes.png",
     "wordcloud": "caption_wordcloud.png",
 }
+# Drawn only when the build scored relevance (``--relevance-model``).
+OPTIONAL_PLOT_FILES = {"relevance": "relevance.png"}
 _SIZE = (6.4, 4.0)
 _DPI = 100
 _COLOR = "#4C72B0"
@@ -600,9 +698,9 @@ def write_plots(stats: dict[str, Any], dataset_dir: str | Path) -> list[str]:
 
     def save(fig: Figure, key: str) -> None:
         FigureCanvasAgg(fig)
-        path = out / PLOT_FILES[key]
-        fig.savefig(path, format="png", dpi=_DPI, metadata={"Software": None})
-        written.append(f"{PLOTS_DIR}/{PLOT_FILES[key]}")
+        name = {**PLOT_FILES, **OPTIONAL_PLOT_FILES}[key]
+        fig.savefig(out / name, format="png", dpi=_DPI, metadata={"Software": None})
+        written.append(f"{PLOTS_DIR}/{name}")
 
     # rc_context: the caller's matplotlib settings must neither change our PNGs nor be changed by us.
     with matplotlib.rc_context({"font.family": "DejaVu Sans", "font.size": 9}):
@@ -672,6 +770,24 @@ def write_plots(stats: dict[str, Any], dataset_dir: str | Path) -> list[str]:
             ax2.set_title("Image area")
             fig.tight_layout()
             save(fig, "image_sizes")
+        rel = (stats.get("relevance") or {}).get("histograms")
+        if rel:
+            fig = Figure(figsize=(9.0, 3.8))
+            for ax, score, xlabel in zip(
+                fig.subplots(1, 2),
+                ("kl", "pmi"),
+                ("mean KL per answer token (nats)", "log P(answer | image) - log P(answer)"),
+            ):
+                hist = rel[score]
+                for name, counts in hist["counts"].items():
+                    ax.stairs(counts, hist["edges"], label=name.replace("/", ", "), linewidth=1.2)
+                ax.set_xlabel(xlabel)
+                ax.set_ylabel("rounds")
+            fig.axes[0].set_title("C3L relevance: KL")
+            fig.axes[1].set_title("C3L relevance: PMI")
+            fig.axes[1].legend(frameon=False, fontsize=7)
+            fig.tight_layout()
+            save(fig, "relevance")
         freqs = stats.get("caption_word_frequencies")
         if freqs:
             image = _wordcloud(freqs)

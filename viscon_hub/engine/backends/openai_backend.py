@@ -2,6 +2,10 @@
 
 The client's own retries are off: the engine retries, so that ``Retry-After`` and permanent errors
 are handled in one place. The API key never appears in an error message.
+
+Scoring requests (``engine/scoring.py``) need a vLLM server: the prompt ends with the answer
+(``continue_final_message``) and the server returns its top-k ``prompt_logprobs``, once with the
+images and once without.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 
 from viscon_hub.engine.backends.base import BackendError, ImageLoader, complete_each, openai_messages, require
 from viscon_hub.engine.request import Completion, Request
+from viscon_hub.engine.scoring import answer_tail, is_scoring, scores_reply, topk_kl
 from viscon_hub.errors import ConfigError
 
 _PERMANENT_STATUS = {400, 413, 422}
@@ -86,16 +91,95 @@ class OpenAIBackend:
         )
 
     async def complete(self, request: Request) -> Completion:
-        openai = self._openai
+        if is_scoring(request.sampling):
+            return await self._score(request)
         started = time.perf_counter()
+        response = await self._post(chat_body(self.model, request, self.image_loader))
+        latency = time.perf_counter() - started
+        choices = getattr(response, "choices", None) or []
+        if not choices or getattr(choices[0], "message", None) is None:
+            raise BackendError("malformed response: no choices", kind="transient")
+        choice = choices[0]
+        content = choice.message.content
+        if not isinstance(content, str):
+            raise BackendError("malformed response: message has no text content", kind="transient")
+        usage = getattr(response, "usage", None)
+        return Completion(
+            key=request.key,
+            reply=content,
+            finish_reason=choice.finish_reason,
+            prompt_tokens=_count(getattr(usage, "prompt_tokens", None)),
+            completion_tokens=_count(getattr(usage, "completion_tokens", None)),
+            latency_s=latency,
+        )
+
+    async def _score(self, request: Request) -> Completion:
+        *_, last = request.messages
+        answer = last.get("content") if last.get("role") == "assistant" else None
+        if not isinstance(answer, str) or not answer.strip():
+            raise BackendError("a scoring request ends with the assistant turn to score", kind="permanent")
+        k = int(request.sampling.get("prompt_logprobs", 20))
+        messages = openai_messages(request, self.image_loader)
+        bare = [
+            {**m, "content": [p for p in m["content"] if p.get("type") != "image_url"]}
+            if isinstance(m.get("content"), list)
+            else m
+            for m in messages
+        ]
+        started = time.perf_counter()
+        tails = []
+        for msgs in (messages, bare):
+            response = await self._post(
+                {
+                    "model": self.model,
+                    "messages": msgs,
+                    "max_tokens": 1,
+                    "temperature": 0.0,
+                    "prompt_logprobs": k,
+                    "add_generation_prompt": False,
+                    "continue_final_message": True,
+                    "return_token_ids": True,
+                }
+            )
+            try:
+                tails.append(
+                    answer_tail(
+                        getattr(response, "prompt_logprobs", None),
+                        getattr(response, "prompt_token_ids", None),
+                        answer,
+                    )
+                )
+            except ValueError as e:
+                raise BackendError(f"malformed prompt_logprobs: {e}", kind="transient") from None
+        with_image, without = tails
+        if [t for t, _, _ in with_image] != [t for t, _, _ in without]:
+            raise BackendError("the answer tokenises differently without the image", kind="permanent")
+        try:
+            reply = scores_reply(
+                kl=[topk_kl(a[2], b[2]) for a, b in zip(with_image, without, strict=True)],
+                image_logprobs=[a[1] for a in with_image],
+                text_logprobs=[b[1] for b in without],
+            )
+        except ValueError as e:
+            raise BackendError(str(e), kind="permanent") from None
+        return Completion(
+            key=request.key,
+            reply=reply,
+            finish_reason="stop",
+            prompt_tokens=len(with_image),
+            latency_s=time.perf_counter() - started,
+        )
+
+    async def _post(self, body: dict[str, Any]) -> Any:
+        """One chat completion, its failures mapped to BackendError / ConfigError with the key redacted."""
+        openai = self._openai
         try:
             # The documented low-level POST, not chat.completions.create: the body is plain JSON
             # already, and create() walks it against its TypedDicts on every call, about a quarter
-            # of the client's CPU per request (bench/bench_engine.py). The reply parses the same.
-            response = await self.client.post(
-                "/chat/completions",
-                cast_to=openai.types.chat.ChatCompletion,
-                body=chat_body(self.model, request, self.image_loader),
+            # of the client's CPU per request (bench/bench_engine.py). The reply parses the same, and
+            # vLLM's extra fields (prompt_logprobs) stay readable as attributes.
+            return await self.client.post(
+                "/chat/completions", cast_to=openai.types.chat.ChatCompletion, body=body
             )
         except openai.APIStatusError as e:
             status = e.status_code
@@ -124,23 +208,6 @@ class OpenAIBackend:
             raise BackendError(self._clean(f"malformed response: {_short(e)}"), kind="transient") from None
         except ValueError as e:  # a body that is not JSON at all
             raise BackendError(self._clean(f"malformed response: {_short(e)}"), kind="transient") from None
-        latency = time.perf_counter() - started
-        choices = getattr(response, "choices", None) or []
-        if not choices or getattr(choices[0], "message", None) is None:
-            raise BackendError("malformed response: no choices", kind="transient")
-        choice = choices[0]
-        content = choice.message.content
-        if not isinstance(content, str):
-            raise BackendError("malformed response: message has no text content", kind="transient")
-        usage = getattr(response, "usage", None)
-        return Completion(
-            key=request.key,
-            reply=content,
-            finish_reason=choice.finish_reason,
-            prompt_tokens=_count(getattr(usage, "prompt_tokens", None)),
-            completion_tokens=_count(getattr(usage, "completion_tokens", None)),
-            latency_s=latency,
-        )
 
     async def complete_batch(self, requests: list[Request]) -> list[Completion | BackendError]:
         return await complete_each(self, requests)

@@ -1,6 +1,9 @@
 """Small local models with ``transformers``: a vision-language model when images are present, else a
 causal LM. One request at a time (a lock keeps the model single-threaded); meant for small models,
 tests and debugging, not for throughput.
+
+Besides generation it answers scoring requests (``engine/scoring.py``): the last assistant turn is
+scored under teacher forcing with and without the request's images, exactly over the vocabulary.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Any
 
 from viscon_hub.engine.backends.base import BackendError, ImageLoader, complete_each, require
 from viscon_hub.engine.request import Completion, Request
+from viscon_hub.engine.scoring import is_scoring, scores_reply
 
 
 class TransformersBackend:
@@ -48,13 +52,15 @@ class TransformersBackend:
         self.net.to(self.device).eval()
         self._lock = asyncio.Lock()
 
-    def _inputs(self, request: Request):
+    def _inputs(
+        self, request: Request, *, messages_in: list[dict[str, Any]] | None = None, answer: str | None = None
+    ):
         from PIL import Image
 
         if self.processor is None and request.images:
             raise BackendError(f"{self.model} is a text-only model and cannot read images", kind="permanent")
         messages, images = [], []
-        for m in request.messages:
+        for m in request.messages if messages_in is None else messages_in:
             content = m["content"]
             if isinstance(content, list):
                 parts = []
@@ -74,7 +80,7 @@ class TransformersBackend:
             messages.append({"role": m["role"], "content": content})
         if self.processor is not None:
             prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-            return self.processor(text=prompt, images=images or None, return_tensors="pt")
+            return self.processor(text=prompt + (answer or ""), images=images or None, return_tensors="pt")
         text_messages = [
             {
                 "role": m["role"],
@@ -84,6 +90,11 @@ class TransformersBackend:
             }
             for m in messages
         ]
+        if answer is not None:
+            prompt = self.tokenizer.apply_chat_template(
+                text_messages, add_generation_prompt=True, tokenize=False
+            )
+            return self.tokenizer(prompt + answer, return_tensors="pt", add_special_tokens=False)
         return self.tokenizer.apply_chat_template(
             text_messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
@@ -120,9 +131,63 @@ class TransformersBackend:
             latency_s=time.perf_counter() - started,
         )
 
+    def _answer_logprobs(self, request: Request, messages: list[dict[str, Any]], answer: str):
+        """Log-softmax rows predicting each answer token, and the answer's token ids."""
+        torch = self._torch
+        prompt_ids = self._inputs(request, messages_in=messages, answer="")["input_ids"][0]
+        inputs = self._inputs(request, messages_in=messages, answer=answer).to(self.device)
+        ids = inputs["input_ids"][0]
+        n = len(ids) - len(prompt_ids)
+        if n < 1 or not torch.equal(ids[: len(prompt_ids)].cpu(), prompt_ids.cpu()):
+            raise BackendError(
+                "the answer's tokens do not follow the prompt's; cannot score", kind="permanent"
+            )
+        with torch.inference_mode():
+            logits = self.net(**inputs).logits[0].float()
+        rows = torch.log_softmax(logits[len(ids) - n - 1 : len(ids) - 1], dim=-1)
+        return rows, ids[len(ids) - n :]
+
+    def _score(self, request: Request) -> Completion:
+        torch = self._torch
+        started = time.perf_counter()
+        *asked, last = request.messages
+        if last.get("role") != "assistant" or not isinstance(last.get("content"), str) or not last["content"]:
+            raise BackendError("a scoring request ends with the assistant turn to score", kind="permanent")
+        answer = last["content"]
+        if not answer.startswith(" "):
+            answer = " " + answer  # as after "assistant:" in a reply the model would write
+        bare = [
+            {**m, "content": [p for p in m["content"] if p.get("type") != "image"]}
+            if isinstance(m["content"], list)
+            else m
+            for m in asked
+        ]
+        with_image, tokens = self._answer_logprobs(request, asked, answer)
+        without, tokens_bare = self._answer_logprobs(request, bare, answer)
+        if not torch.equal(tokens.cpu(), tokens_bare.cpu()):
+            raise BackendError("the answer tokenises differently without the image", kind="permanent")
+        kl = (with_image.exp() * (with_image - without)).sum(-1)
+        index = tokens.to(with_image.device).unsqueeze(-1)
+        try:
+            reply = scores_reply(
+                kl=kl.tolist(),
+                image_logprobs=with_image.gather(-1, index).squeeze(-1).tolist(),
+                text_logprobs=without.gather(-1, index).squeeze(-1).tolist(),
+            )
+        except ValueError as e:
+            raise BackendError(str(e), kind="permanent") from None
+        return Completion(
+            key=request.key,
+            reply=reply,
+            finish_reason="stop",
+            prompt_tokens=int(len(tokens)),
+            latency_s=time.perf_counter() - started,
+        )
+
     async def complete(self, request: Request) -> Completion:
+        run = self._score if is_scoring(request.sampling) else self._generate
         async with self._lock:
-            return await asyncio.to_thread(self._generate, request)
+            return await asyncio.to_thread(run, request)
 
     async def complete_batch(self, requests: list[Request]) -> list[Completion | BackendError]:
         return await complete_each(self, requests)

@@ -1,0 +1,303 @@
+"""C3L relevance of every generated round: does the answer need the image? (METHOD.md, seed 002)
+
+For each round of each usable generation record (the caption, every free-form and multiple-choice
+item) one scoring request goes through the engine and its cache (``engine/scoring.py``): the VLM
+scores the answer under teacher forcing with the image and without it, giving
+
+``kl``   the mean over answer tokens of KL(P(. | image, question, prefix) || P(. | question, prefix))
+``pmi``  log P(answer | image, question) - log P(answer | question)
+
+A rerun computes nothing (the scores are cached replies). The caption round is asked
+:data:`CAPTION_QUESTION`; a multiple-choice round is the question with its four options, answered
+with the right option's text rather than its letter, so the score does not change when the merge
+shuffles the options. Scores land in ``generations/relevance.parquet`` (one row per round); the merge
+attaches them to the per-image rows and drops Q&A rounds under ``--min-relevance`` (:func:`attach_scores`).
+
+>>> rec = {"id": "d-0", "context_mode": "contextual", "caption": "A cat.",
+...        "qa_freeform": [{"question": "What animal?", "answer": "A cat."}],
+...        "qa_multiple_choice": [{"question": "Colour?", "options": ["Red", "Tan", "Grey", "Blue"], "answer": "C"}]}
+>>> [(kind, i, answer) for kind, i, _, answer in rounds_to_score(rec)]
+[('caption', 0, 'A cat.'), ('freeform', 0, 'A cat.'), ('multiple_choice', 0, 'Grey')]
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from viscon_hub.engine import Engine, EngineConfig, GenerationCache, Request, make_backend
+from viscon_hub.engine.engine import OFFLINE_MISS
+from viscon_hub.engine.scoring import SCORE_KIND, parse_scores
+from viscon_hub.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+STAGE = "relevance"
+TEMPLATE_VERSION = 1
+CAPTION_QUESTION = "Describe this image in detail."
+RELEVANCE_FILE = "relevance.parquet"
+ROUND_KINDS = ("caption", "freeform", "multiple_choice")
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("context_mode", pa.string()),
+        ("round", pa.string()),
+        ("index", pa.int32()),
+        ("kl", pa.float64()),
+        ("pmi", pa.float64()),
+        ("key", pa.string()),
+    ]
+)
+_LETTERS = ("A", "B", "C", "D")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RelevanceConfig:
+    """The scoring model and how the merge uses the scores.
+
+    ``model`` is ``transformers:<path or id>`` (a local VLM) or ``openai:<model>`` with ``base_url``
+    pointing at a vLLM server (it must answer ``prompt_logprobs``). ``min_relevance`` drops Q&A rounds
+    whose score ``on`` (``kl`` or ``pmi``) is below it; rounds without a score are kept and counted.
+    """
+
+    model: str | None = None
+    base_url: str | None = None
+    top_logprobs: int = 20
+    min_relevance: float | None = None
+    on: Literal["kl", "pmi"] = "kl"
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        if self.on not in ("kl", "pmi"):
+            raise ConfigError(f"--relevance-on must be kl or pmi; got {self.on!r}")
+        if not 1 <= self.top_logprobs <= 20:
+            raise ConfigError(f"top_logprobs must be in [1, 20] (vLLM's limit); got {self.top_logprobs}")
+        if self.model is not None and ":" not in self.model:
+            raise ConfigError(
+                f"--relevance-model is BACKEND:MODEL (transformers:... or openai:...); got {self.model!r}"
+            )
+
+
+def rounds_to_score(record: dict[str, Any]) -> list[tuple[str, int, str, str]]:
+    """(round kind, index, question, answer) of every round of a record worth a score."""
+    out: list[tuple[str, int, str, str]] = []
+    if record.get("caption"):
+        out.append(("caption", 0, CAPTION_QUESTION, record["caption"]))
+    for i, qa in enumerate(record.get("qa_freeform") or ()):
+        if qa.get("question") and qa.get("answer"):
+            out.append(("freeform", i, qa["question"], qa["answer"]))
+    for i, item in enumerate(record.get("qa_multiple_choice") or ()):
+        options = list(item.get("options") or ())
+        if len(options) != 4 or item.get("answer") not in _LETTERS:
+            continue
+        shown = "\n".join(sorted(str(o) for o in options))  # order-free: the merge reshuffles them
+        out.append(
+            (
+                "multiple_choice",
+                i,
+                f"{item['question']}\n{shown}",
+                str(options[_LETTERS.index(item["answer"])]),
+            )
+        )
+    return out
+
+
+def relevance_request(
+    *, model: str, image_sha256: str, question: str, answer: str, top_logprobs: int = 20
+) -> Request:
+    """The scoring request of one round: the image and the question, then the answer to score."""
+    return Request.create(
+        stage=STAGE,
+        model=model,
+        template_id=STAGE,
+        template_version=TEMPLATE_VERSION,
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "image", "sha256": image_sha256}, {"type": "text", "text": question}],
+            },
+            {"role": "assistant", "content": answer},
+        ],
+        sampling={"score": SCORE_KIND, "prompt_logprobs": top_logprobs, "temperature": 0.0},
+    )
+
+
+@dataclass(slots=True)
+class RelevanceReport:
+    rounds: int = 0
+    scored: int = 0
+    failed: Counter = field(default_factory=Counter)
+    engine: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rounds": self.rounds,
+            "scored": self.scored,
+            "failed": dict(self.failed),
+            "engine": self.engine,
+        }
+
+
+def score_records(
+    records: list[dict[str, Any]], *, config: RelevanceConfig, engine: Engine, backend: Any
+) -> tuple[list[dict[str, Any]], RelevanceReport]:
+    """One row per scored round of the usable ``records`` (see :data:`SCHEMA`), and the counts."""
+    if config.model is None:
+        raise ConfigError("the relevance stage needs --relevance-model (transformers:... or openai:...)")
+    model = config.model.split(":", 1)[1]
+    todo: list[tuple[dict[str, Any], str, int, Request]] = []
+    for r in records:
+        if r.get("status", "ok") != "ok" or not r.get("image_sha256"):
+            continue
+        for kind, i, question, answer in rounds_to_score(r):
+            req = relevance_request(
+                model=model,
+                image_sha256=r["image_sha256"],
+                question=question,
+                answer=answer,
+                top_logprobs=config.top_logprobs,
+            )
+            todo.append((r, kind, i, req))
+    report = RelevanceReport(rounds=len(todo))
+    completions = engine.run([t[3] for t in todo], backend=backend)
+    rows = []
+    for (r, kind, i, req), c in zip(todo, completions, strict=True):
+        scores = parse_scores(c.reply) if c.ok else None
+        if scores is None:
+            report.failed[c.error_kind or ("offline_miss" if c.error == OFFLINE_MISS else "bad_reply")] += 1
+            continue
+        report.scored += 1
+        rows.append(
+            {
+                "id": r["id"],
+                "context_mode": r["context_mode"],
+                "round": kind,
+                "index": i,
+                **scores,
+                "key": req.key,
+            }
+        )
+    report.engine = engine.report.to_dict()
+    return rows, report
+
+
+def score_generations(
+    generations: str,
+    *,
+    config: RelevanceConfig,
+    cache: str = "viscon-cache",
+    extra_caches: tuple[str, ...] = (),
+    image_store: str | None = None,
+) -> RelevanceReport:
+    """Score every round of ``GENERATIONS/generations/records.parquet``; write ``generations/relevance.parquet``."""
+    import json
+
+    from viscon_hub.prepare.images import ImageStore
+
+    root = Path(generations)
+    path = root / "generations" / "records.parquet"
+    if not path.is_file():
+        raise ConfigError(
+            f"{generations!r} holds no generations/records.parquet: run `viscon generate` first"
+        )
+    stats_path = root / "stats.json"
+    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+    store = ImageStore(image_store or stats.get("image_store") or f"{generations}/images")
+    columns = ["id", "context_mode", "status", "image_sha256", "caption", "qa_freeform", "qa_multiple_choice"]
+    records = pq.read_table(path, columns=columns).to_pylist()
+    engine = Engine(cache=GenerationCache(cache, fallbacks=extra_caches), config=config.engine)
+    backend = None
+    if not config.engine.offline:
+        backend = make_backend(config.model or "", image_loader=store.get, base_url=config.base_url)
+    try:
+        rows, report = score_records(records, config=config, engine=engine, backend=backend)
+    finally:
+        engine.cache.close()
+        if backend is not None:
+            _close(backend)
+    out = root / "generations" / RELEVANCE_FILE
+    tmp = out.with_suffix(".tmp")
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
+    tmp.replace(out)
+    logger.info("relevance: %s", report.to_dict())
+    return report
+
+
+def _close(backend: Any) -> None:
+    import asyncio
+
+    try:
+        asyncio.run(backend.aclose())
+    except Exception:  # noqa: BLE001 - closing is best effort
+        logger.debug("closing the relevance backend failed", exc_info=True)
+
+
+def read_scores(generations: str) -> dict[tuple[str, str], dict[tuple[str, int], dict[str, float]]]:
+    """``{(context_mode, id): {(round, index): {"kl", "pmi"}}}`` from ``relevance.parquet``; {} when absent."""
+    path = Path(generations) / "generations" / RELEVANCE_FILE
+    if not path.is_file():
+        return {}
+    out: dict[tuple[str, str], dict[tuple[str, int], dict[str, float]]] = {}
+    for row in pq.read_table(path).to_pylist():
+        out.setdefault((row["context_mode"], row["id"]), {})[(row["round"], row["index"])] = {
+            "kl": row["kl"],
+            "pmi": row["pmi"],
+        }
+    return out
+
+
+def attach_scores(
+    record: dict[str, Any],
+    scores: dict[tuple[str, int], dict[str, float]],
+    *,
+    min_relevance: float | None = None,
+    on: str = "kl",
+) -> tuple[dict[str, Any], Counter[str]]:
+    """The record with ``relevance_kl`` / ``relevance_pmi`` on each Q&A item and on the caption, Q&A
+    items under ``min_relevance`` (score ``on``) left out; counts ``relevance_dropped`` and ``relevance_unscored``.
+
+    Run on the generated records, before the dedup renumbers the items.
+
+    >>> rec = {"caption": "A cat.", "qa_freeform": [{"question": "Q1", "answer": "A1"}, {"question": "Q2", "answer": "A2"}]}
+    >>> s = {("caption", 0): {"kl": 0.3, "pmi": 2.0}, ("freeform", 0): {"kl": 0.01, "pmi": -1.0}}
+    >>> out, counts = attach_scores(rec, s, min_relevance=0.1)
+    >>> [qa["question"] for qa in out["qa_freeform"]], out["caption_relevance_kl"], dict(counts)
+    (['Q2'], 0.3, {'relevance_dropped': 1, 'relevance_unscored': 1})
+    """
+    counts: Counter[str] = Counter()
+    out = dict(record)
+    cap = scores.get(("caption", 0)) or {}
+    out["caption_relevance_kl"] = cap.get("kl")
+    out["caption_relevance_pmi"] = cap.get("pmi")
+    for field_name, kind in (("qa_freeform", "freeform"), ("qa_multiple_choice", "multiple_choice")):
+        kept = []
+        for i, item in enumerate(record.get(field_name) or ()):
+            s = scores.get((kind, i))
+            if s is None:
+                counts["relevance_unscored"] += 1
+            elif min_relevance is not None and s[on] < min_relevance:
+                counts["relevance_dropped"] += 1
+                continue
+            kept.append({**item, "relevance_kl": s and s["kl"], "relevance_pmi": s and s["pmi"]})
+        out[field_name] = kept
+    return out, counts
+
+
+__all__ = [
+    "CAPTION_QUESTION",
+    "RELEVANCE_FILE",
+    "RelevanceConfig",
+    "RelevanceReport",
+    "attach_scores",
+    "read_scores",
+    "relevance_request",
+    "rounds_to_score",
+    "score_generations",
+    "score_records",
+]

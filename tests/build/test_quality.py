@@ -43,6 +43,26 @@ def test_shuffle_makes_a_skewed_generator_uniform():
     assert all(abs(n / 2000 - 0.25) < 0.04 for n in letters.values()), letters
 
 
+def test_repair_balances_letters_on_a_small_dataset():
+    # Ten records of four items whose right option is always first: each letter is right exactly ten
+    # times, where independent shuffles would leave the shares to chance.
+    records = [
+        {
+            "id": f"d-{n}",
+            "context_mode": "contextual",
+            "qa_multiple_choice": [item(answer="A") for _ in range(4)],
+        }
+        for n in range(10)
+    ]
+    repaired = [repair_multiple_choice(r, MultipleChoiceQuality())[0] for r in records]
+    letters = Counter(i["answer"] for r in repaired for i in r["qa_multiple_choice"])
+    assert letters == dict.fromkeys(LETTERS, 10)
+    for r in repaired:
+        for i in r["qa_multiple_choice"]:
+            assert i["options"][LETTERS.index(i["answer"])] == item(answer="A")["options"][0]
+    assert repaired == [repair_multiple_choice(r, MultipleChoiceQuality())[0] for r in records]
+
+
 def test_shuffle_leaves_a_malformed_item_alone():
     bad = {"question": "Q?", "options": ["a", "b"], "answer": "A"}
     assert shuffle_options(bad, seed="x") == bad
@@ -132,6 +152,9 @@ def test_build_shuffles_flags_drops_and_reports(quickstart_build, tmp_path):
     shuffled = compute_stats(quickstart_build["dataset"])["multiple_choice"]
     before = compute_stats(plain)["multiple_choice"]
     after = compute_stats(strict)["multiple_choice"]
+    for config in ("contextual", "leaky"):
+        shares = shuffled["configs"][config]["right_letter_share"]
+        assert all(abs(s - 0.25) <= 0.05 for s in shares.values()), (config, shares)
     for stats in (shuffled, after):
         for config in ("contextual", "leaky"):
             shares = stats["configs"][config]["right_letter_share"]

@@ -60,19 +60,29 @@ def right_index(item: dict[str, Any]) -> int | None:
     return LETTERS.index(answer)
 
 
-def shuffle_options(item: dict[str, Any], *, seed: str) -> dict[str, Any]:
+def shuffle_options(item: dict[str, Any], *, seed: str, right_at: int | None = None) -> dict[str, Any]:
     """A copy of ``item`` with its options in a seeded random order and the answer letter following.
 
     Every permutation is equally likely, so over many items the right letter is uniform over A-D
-    whatever the generator's habits were. An item that is not four options with an A-D answer is
-    returned unchanged (the parser never makes one).
+    whatever the generator's habits were. ``right_at`` (0-3) puts the right option there and shuffles
+    the other three. An item that is not four options with an A-D answer is returned unchanged (the
+    parser never makes one).
+
+    >>> shuffle_options({"options": ["r", "x", "y", "z"], "answer": "A"}, seed="s", right_at=2)["answer"]
+    'C'
     """
     k = right_index(item)
     if k is None:
         return dict(item)
-    order = list(range(4))
     # random.Random seeds a str through sha512: the same order in every process and Python version.
-    random.Random(seed).shuffle(order)
+    rng = random.Random(seed)
+    if right_at is None:
+        order = list(range(4))
+        rng.shuffle(order)
+    else:
+        others = [i for i in range(4) if i != k]
+        rng.shuffle(others)
+        order = others[:right_at] + [k] + others[right_at:]
     return {
         **item,
         "options": [item["options"][i] for i in order],
@@ -124,8 +134,11 @@ def repair_multiple_choice(
 ) -> tuple[dict[str, Any], Counter[str]]:
     """The record with its multiple-choice items shuffled, flagged ones dropped when asked, and counts.
 
-    The seed of item ``i`` is ``<context_mode>|<id>|<i>``: two builds give the same order, and the
-    contextual and non-contextual records of one image are shuffled independently. Counts:
+    The right letters of a record's items follow each other round A-D from a start drawn with the
+    seed ``<context_mode>|<id>``, and item ``i``'s other options are shuffled with ``...|<i>``: two
+    builds give the same order, the contextual and non-contextual records of one image are shuffled
+    independently, and the letters stay balanced on a small dataset too (a record's four items take
+    the four letters), not only on average. Counts:
     ``length_flagged`` (items whose right option is ``longest_ratio`` times longer than every other)
     and ``length_dropped`` (those of them left out).
 
@@ -138,6 +151,8 @@ def repair_multiple_choice(
     counts: Counter[str] = Counter()
     items = record.get("qa_multiple_choice") or []
     kept = []
+    seed = f"{record.get('context_mode')}|{record.get('id')}"
+    start = random.Random(seed).randrange(4)
     for i, item in enumerate(items):
         if right_index(item) is not None:
             if length_tell(item["options"], item["answer"], ratio=config.longest_ratio):
@@ -146,7 +161,7 @@ def repair_multiple_choice(
                     counts["length_dropped"] += 1
                     continue
             if config.shuffle:
-                item = shuffle_options(item, seed=f"{record.get('context_mode')}|{record.get('id')}|{i}")
+                item = shuffle_options(item, seed=f"{seed}|{i}", right_at=(start + len(kept)) % 4)
         kept.append(item)
     return {**record, "qa_multiple_choice": kept}, counts
 

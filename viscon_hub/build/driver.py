@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from viscon_hub import __version__
+from viscon_hub.build.dedup import DedupConfig, dedup_questions
 from viscon_hub.build.layout import (
     ALL_CONFIGS,
     BUILD_INFO,
@@ -41,11 +42,11 @@ from viscon_hub.build.layout import (
     split_score,
     write_minimal_readme,
 )
-from viscon_hub.build.dedup import DedupConfig, dedup_questions
+from viscon_hub.build.merge import ConversationStyle, mix_rows, per_image_row, public_source, rounds_of
 from viscon_hub.engine import EngineConfig, GenerationCache
 from viscon_hub.errors import ConfigError
 from viscon_hub.prepare.images import ImageStore
-from viscon_hub.build.merge import ConversationStyle, mix_rows, per_image_row, public_source, rounds_of
+from viscon_hub.runners import RunnerOptions, run_generate, run_prepare
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class BuildConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     conversation_style: str | None = None
+    runner: RunnerOptions = field(default_factory=RunnerOptions)
 
     def __post_init__(self) -> None:
         quickstart = self.source is None and self.caption_model is None and self.qa_model is None
@@ -132,20 +134,21 @@ class BuildReport:
 
 def build(config: BuildConfig, *, progress: Callable[[str], None] | None = None) -> BuildReport:
     """Run prepare, generate, then :func:`write_dataset`; intermediate outputs go to ``config.work``."""
-    from viscon_hub.generate.stages import GenerateConfig, generate
-    from viscon_hub.prepare.driver import PrepareConfig, prepare
+    from viscon_hub.generate.stages import GenerateConfig
+    from viscon_hub.prepare.driver import PrepareConfig
 
     work = config.work.rstrip("/")
     say = progress or (lambda _msg: None)
     started = time.monotonic()
     say("prepare")
-    prep = prepare(
+    prep = run_prepare(
         PrepareConfig(
             source=config.source, output=f"{work}/contexts", limit=config.limit, revision=config.revision
-        )
+        ),
+        runner=config.runner,
     )
     say("generate")
-    gen = generate(
+    gen = run_generate(
         GenerateConfig(
             contexts=f"{work}/contexts",
             output=f"{work}/generations",
@@ -158,7 +161,8 @@ def build(config: BuildConfig, *, progress: Callable[[str], None] | None = None)
             image_store=f"{work}/contexts/images",
             reasks=config.reasks,
             engine=replace(config.engine, offline=config.offline),
-        )
+        ),
+        runner=config.runner,
     )
     say("merge")
     report = write_dataset(
@@ -206,16 +210,16 @@ MIX_COLUMNS = (
 def read_records(
     generations: str, *, columns: tuple[str, ...] | None = None
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The generation records (all columns, or ``columns``) and the stats of a ``viscon generate`` folder."""
-    root = Path(generations)
-    path = root / "generations" / "records.parquet"
-    if not path.is_file():
-        raise ConfigError(
-            f"{generations!r} holds no generations/records.parquet: run `viscon generate` first"
-        )
-    stats_path = root / "stats.json"
+    """The generation records (all columns, or ``columns``) and the stats of a ``viscon generate`` folder.
+
+    A sharded generate's parts are all read, in the record order of one unsharded run.
+    """
+    from viscon_hub.generate.stages import read_generations
+
+    table = read_generations(generations, columns=list(columns) if columns else None)
+    stats_path = Path(generations) / "stats.json"
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
-    return pq.read_table(path, columns=list(columns) if columns else None).to_pylist(), stats
+    return table.to_pylist(), stats
 
 
 class Merger:

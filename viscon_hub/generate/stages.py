@@ -87,8 +87,11 @@ class GenerateConfig:
     max_rounds: int = 5
     limit: int | None = None
     dry_run: bool = False
+    num_shards: int = 1
+    shard_index: int = 0
 
     def __post_init__(self) -> None:
+        check_shard(self.num_shards, self.shard_index)
         if self.context not in ("contextual", "non_contextual", "both"):
             raise ConfigError(f"--context must be contextual, non_contextual or both; got {self.context!r}")
         parse_spec(self.caption_model)
@@ -101,6 +104,33 @@ class GenerateConfig:
     @property
     def modes(self) -> list[ContextMode]:
         return ["contextual", "non_contextual"] if self.context == "both" else [self.context]  # type: ignore[list-item]
+
+    @property
+    def shard_name(self) -> str:
+        return f"{self.shard_index:05d}-of-{self.num_shards:05d}"
+
+
+def check_shard(num_shards: int, shard_index: int) -> None:
+    """Refuse a shard that does not exist, saying which ones do."""
+    if num_shards < 1:
+        raise ConfigError(f"--num-shards must be >= 1; got {num_shards}")
+    if not 0 <= shard_index < num_shards:
+        raise ConfigError(
+            f"--shard-index must be in [0, {num_shards - 1}] for --num-shards {num_shards}; got {shard_index}"
+        )
+
+
+def shard_slice(items: list, num_shards: int, shard_index: int) -> list:
+    """The contiguous share of ``items`` that shard ``shard_index`` of ``num_shards`` owns.
+
+    Contiguous shares keep record order: shard outputs concatenated in shard order, then stably
+    sorted by context mode, are the records of one unsharded run.
+
+    >>> [shard_slice(list(range(5)), 2, i) for i in (0, 1)]
+    [[0, 1], [2, 3, 4]]
+    """
+    n = len(items)
+    return items[n * shard_index // num_shards : n * (shard_index + 1) // num_shards]
 
 
 @dataclass(slots=True)
@@ -199,12 +229,35 @@ def caption_messages(template: PromptTemplate, ctx: ImageContext, mode: ContextM
 def generate(
     config: GenerateConfig, *, progress: Callable[[str, RunReport], None] | None = None
 ) -> GenerateStats:
-    """Caption every image context, then ask for both kinds of Q&A; write records and stats."""
+    """Caption every image context, then ask for both kinds of Q&A; write records and stats.
+
+    With ``num_shards`` > 1 only this shard's contiguous share of the contexts is generated, into
+    ``generations/records-I-of-N.parquet``; :func:`read_generations` reads every shard back in order.
+    """
     started = time.monotonic()
     contexts = read_contexts(config.contexts, limit=config.limit)
-    stats = GenerateStats(contexts_read=len(contexts))
+    contexts = shard_slice(contexts, config.num_shards, config.shard_index)
     store_url = _image_store_of(config.contexts, config.image_store)
-    store = ImageStore(store_url)
+    records, stats = generate_records(contexts, config=config, image_store=store_url, progress=progress)
+    if not config.dry_run:
+        _write_outputs(config, records, stats, started, image_store=store_url)
+    return stats
+
+
+def generate_records(
+    contexts: list[ImageContext],
+    *,
+    config: GenerateConfig,
+    image_store: str,
+    progress: Callable[[str, RunReport], None] | None = None,
+) -> tuple[list[dict[str, Any]], GenerateStats]:
+    """The generation records of ``contexts`` (mode by mode, in context order) and their counts.
+
+    Opens its own cache, engine and backends and closes them before returning, so a runner may call
+    it once per block in any process.
+    """
+    stats = GenerateStats(contexts_read=len(contexts))
+    store = ImageStore(image_store)
     cache = GenerationCache(config.cache, fallbacks=config.extra_caches)
     engine = Engine(cache=cache, config=config.engine)
     caption_stages = {
@@ -249,9 +302,7 @@ def generate(
     stats.engine = engine.report.to_dict()
     if engine.prices.unpriced:
         stats.engine["unpriced_models"] = sorted(engine.prices.unpriced)
-    if not config.dry_run:
-        _write_outputs(config, records, stats, started, image_store=store_url)
-    return stats
+    return records, stats
 
 
 def _close(backend: Any) -> None:
@@ -439,12 +490,14 @@ def _write_outputs(
     fs, root = fsspec.core.url_to_fs(config.output)
     fs.makedirs(f"{root}/generations", exist_ok=True)
     table = pa.Table.from_pylist(records, schema=GENERATION_SCHEMA)
-    target = f"{root}/generations/records.parquet"
+    sharded = config.num_shards > 1
+    name = f"records-{config.shard_name}.parquet" if sharded else "records.parquet"
+    target = f"{root}/generations/{name}"
     local = Path(root) if is_local(fs) else None
     if local is not None:
-        tmp = local / "generations" / ".records.parquet.tmp"
+        tmp = local / "generations" / f".{name}.tmp"
         pq.write_table(table, tmp, compression="zstd")
-        tmp.replace(local / "generations" / "records.parquet")
+        tmp.replace(local / "generations" / name)
     else:
         with fs.open(target, "wb") as f:
             pq.write_table(table, f, compression="zstd")
@@ -458,8 +511,113 @@ def _write_outputs(
         "viscon_hub_version": __version__,
         "elapsed_s": round(time.monotonic() - started, 3),
     }
-    with fs.open(f"{root}/stats.json", "w") as f:
+    if not sharded:
+        with fs.open(f"{root}/stats.json", "w") as f:
+            json.dump(summary, f, indent=2, sort_keys=True)
+        return
+    write_shard_stats(config.output, summary, shard_name=config.shard_name, num_shards=config.num_shards)
+
+
+def write_shard_stats(output: str, summary: dict[str, Any], *, shard_name: str, num_shards: int) -> None:
+    """Write one shard's stats, then ``stats.json`` as the merge of every shard file present.
+
+    Any shard may finish last; the merge is idempotent, so each shard rewrites it.
+    """
+    fs, root = fsspec.core.url_to_fs(output)
+    fs.makedirs(f"{root}/stats", exist_ok=True)
+    with fs.open(f"{root}/stats/shard-{shard_name}.json", "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)
+    parts = []
+    for path in sorted(fs.glob(f"{root}/stats/shard-*-of-{num_shards:05d}.json")):
+        with fs.open(path, "r") as f:
+            parts.append(json.load(f))
+    merged = merge_stats(parts)
+    merged.update(num_shards=num_shards, shards_done=len(parts))
+    with fs.open(f"{root}/stats.json", "w") as f:
+        json.dump(merged, f, indent=2, sort_keys=True)
 
 
-__all__ = ["GENERATION_SCHEMA", "GenerateConfig", "GenerateStats", "generate", "read_contexts"]
+def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts summed (nested mappings too), elapsed time the longest, other values from the first part.
+
+    >>> merge_stats([{"records": 2, "dropped": {"a": 1}, "context": "both"}, {"records": 3, "dropped": {"b": 1}}])
+    {'records': 5, 'dropped': {'a': 1, 'b': 1}, 'context': 'both'}
+    """
+
+    def add(a: Any, b: Any) -> Any:
+        if isinstance(a, dict) and isinstance(b, dict):
+            out = dict(a)
+            for k, v in b.items():
+                out[k] = add(out[k], v) if k in out else v
+            return out
+        if isinstance(a, bool) or isinstance(b, bool):
+            return a
+        if isinstance(a, int | float) and isinstance(b, int | float):
+            return round(a + b, 6) if isinstance(a + b, float) else a + b
+        if isinstance(a, list) and isinstance(b, list):
+            return sorted(set(a) | set(b)) if all(isinstance(x, str) for x in a + b) else a
+        return a
+
+    merged: dict[str, Any] = {}
+    for part in parts:
+        elapsed = max(merged.get("elapsed_s", 0.0), part.get("elapsed_s", 0.0))
+        merged = add(merged, part) if merged else dict(part)
+        if "elapsed_s" in merged:
+            merged["elapsed_s"] = elapsed
+    return merged
+
+
+def read_generations(generations: str, *, columns: list[str] | None = None) -> pa.Table:
+    """The records of a ``viscon generate`` folder: ``records.parquet``, or every shard's part in order.
+
+    Shards own contiguous shares of the contexts, so concatenating them in shard order and stably
+    sorting by context mode gives exactly the record order of one unsharded run.
+    """
+    fs, root = fsspec.core.url_to_fs(generations)
+    root = root.rstrip("/")
+    single = f"{root}/generations/records.parquet"
+    parts = sorted(fs.glob(f"{root}/generations/records-*-of-*.parquet"))
+    if not parts:
+        if not fs.exists(single):
+            raise ConfigError(
+                f"{generations!r} holds no generations/records.parquet: run `viscon generate` first"
+            )
+        with fs.open(single, "rb") as f:
+            return pq.read_table(f, columns=columns)
+    counts = {p.rsplit("-of-", 1)[1].removesuffix(".parquet") for p in parts}
+    if len(counts) != 1:
+        raise ConfigError(
+            f"{generations!r} holds parts of runs with different --num-shards ({sorted(counts)}); "
+            "remove the stale generations/records-*.parquet files and rerun"
+        )
+    expected = int(counts.pop())
+    if len(parts) != expected:
+        have = sorted(int(p.rsplit("records-", 1)[1].split("-of-")[0]) for p in parts)
+        missing = sorted(set(range(expected)) - set(have))
+        raise ConfigError(
+            f"{generations!r} holds {len(parts)} of {expected} generation shards; missing shard(s) "
+            f"{missing}: run `viscon generate --num-shards {expected} --shard-index I` for each"
+        )
+    wanted = None if columns is None else list(dict.fromkeys([*columns, "context_mode"]))
+    tables = []
+    for path in parts:
+        with fs.open(path, "rb") as f:
+            tables.append(pq.read_table(f, columns=wanted))
+    table = pa.concat_tables(tables)
+    modes = table.column("context_mode").to_pylist()
+    rank = {"contextual": 0, "non_contextual": 1}
+    order = sorted(range(len(modes)), key=lambda i: (rank.get(modes[i], 2), i))
+    table = table.take(pa.array(order, type=pa.int64()))
+    return table if columns is None else table.select(columns)
+
+
+__all__ = [
+    "GENERATION_SCHEMA",
+    "GenerateConfig",
+    "GenerateStats",
+    "generate",
+    "generate_records",
+    "read_contexts",
+    "read_generations",
+    "shard_slice",
+]

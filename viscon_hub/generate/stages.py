@@ -251,58 +251,78 @@ def generate_records(
     image_store: str,
     progress: Callable[[str, RunReport], None] | None = None,
 ) -> tuple[list[dict[str, Any]], GenerateStats]:
-    """The generation records of ``contexts`` (mode by mode, in context order) and their counts.
+    """The generation records of ``contexts`` (mode by mode, in context order) and their counts."""
+    generator = Generator(config=config, image_store=image_store)
+    try:
+        return generator.run(contexts, progress=progress)
+    finally:
+        generator.close()
 
-    Opens its own cache, engine and backends and closes them before returning, so a runner may call
-    it once per block in any process.
+
+class Generator:
+    """One cache, engine and set of backends, reused over many batches of contexts; ``close`` when done.
+
+    A runner keeps one per worker process, so the cache is opened and the clients are made once,
+    and a worker's share of the rate limits holds across its blocks.
     """
-    stats = GenerateStats(contexts_read=len(contexts))
-    store = ImageStore(image_store)
-    cache = GenerationCache(config.cache, fallbacks=config.extra_caches)
-    engine = Engine(cache=cache, config=config.engine)
-    caption_stages = {
-        m: _Stage(load_template(CAPTION_TEMPLATES[m]), config.caption_model) for m in config.modes
-    }
-    ff_stage = _Stage(load_template("qa_freeform"), config.qa_model)
-    mc_stage = _Stage(load_template("qa_multiple_choice"), config.qa_model)
 
-    backends: dict[str, Any] = {}
+    def __init__(self, *, config: GenerateConfig, image_store: str) -> None:
+        self.config = config
+        self.store = ImageStore(image_store)
+        self.cache = GenerationCache(config.cache, fallbacks=config.extra_caches)
+        self.engine = Engine(cache=self.cache, config=config.engine)
+        self.caption_stages = {
+            m: _Stage(load_template(CAPTION_TEMPLATES[m]), config.caption_model) for m in config.modes
+        }
+        self.ff_stage = _Stage(load_template("qa_freeform"), config.qa_model)
+        self.mc_stage = _Stage(load_template("qa_multiple_choice"), config.qa_model)
+        self.backends: dict[str, Any] = {}
 
-    def backend(spec: str):
+    def backend(self, spec: str):
+        config = self.config
         if config.engine.offline or config.dry_run:
             return None
-        if spec not in backends:
+        if spec not in self.backends:
             options = (
                 {"max_connections": config.engine.max_concurrency} if parse_spec(spec)[0] == "openai" else {}
             )
-            backends[spec] = make_backend(spec, image_loader=store.get, base_url=config.base_url, **options)
-        return backends[spec]
+            self.backends[spec] = make_backend(
+                spec, image_loader=self.store.get, base_url=config.base_url, **options
+            )
+        return self.backends[spec]
 
-    records: list[dict[str, Any]] = []
-    try:
-        for mode in config.modes:
+    def run(
+        self, contexts: list[ImageContext], *, progress: Callable[[str, RunReport], None] | None = None
+    ) -> tuple[list[dict[str, Any]], GenerateStats]:
+        """The records of ``contexts`` and the counts of this call alone."""
+        stats = GenerateStats(contexts_read=len(contexts))
+        self.engine.report = RunReport()
+        records: list[dict[str, Any]] = []
+        for mode in self.config.modes:
             records.extend(
                 _run_mode(
                     mode,
                     contexts,
-                    config=config,
-                    engine=engine,
-                    caption_stage=caption_stages[mode],
-                    ff_stage=ff_stage,
-                    mc_stage=mc_stage,
-                    backend=backend,
+                    config=self.config,
+                    engine=self.engine,
+                    caption_stage=self.caption_stages[mode],
+                    ff_stage=self.ff_stage,
+                    mc_stage=self.mc_stage,
+                    backend=self.backend,
                     stats=stats,
                     progress=progress,
                 )
             )
-    finally:
-        cache.close()
-        for b in backends.values():
+        stats.engine = self.engine.report.to_dict()
+        if self.engine.prices.unpriced:
+            stats.engine["unpriced_models"] = sorted(self.engine.prices.unpriced)
+        return records, stats
+
+    def close(self) -> None:
+        self.cache.close()
+        for b in self.backends.values():
             _close(b)
-    stats.engine = engine.report.to_dict()
-    if engine.prices.unpriced:
-        stats.engine["unpriced_models"] = sorted(engine.prices.unpriced)
-    return records, stats
+        self.backends.clear()
 
 
 def _close(backend: Any) -> None:
@@ -615,6 +635,7 @@ __all__ = [
     "GENERATION_SCHEMA",
     "GenerateConfig",
     "GenerateStats",
+    "Generator",
     "generate",
     "generate_records",
     "read_contexts",

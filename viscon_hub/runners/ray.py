@@ -271,21 +271,32 @@ def _in_order(results: Iterable[dict[str, Any]], n: int) -> Iterator[tuple[int, 
 
 class _GenerateWorker:
     def __init__(self, config: GenerateConfig, image_store: str) -> None:
-        self.config = config
-        self.image_store = image_store
+        from viscon_hub.generate.stages import Generator
+
+        # One cache handle, engine and client per worker for all its blocks; a worker that dies
+        # leaves its journal behind, and the restarted worker's cache folds it in.
+        self.generator = Generator(config=config, image_store=image_store)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from viscon_hub.generate.stages import GENERATION_SCHEMA, generate_records
+        from viscon_hub.generate.stages import GENERATION_SCHEMA
         from viscon_hub.records import ImageContext
 
         out: dict[str, list] = {"block": [], "records": [], "stats": []}
         for block, payload in zip(batch.column("block").to_pylist(), batch.column("contexts").to_pylist()):
             contexts = [ImageContext.from_row(r) for r in _from_bytes(payload)]
-            records, stats = generate_records(contexts, config=self.config, image_store=self.image_store)
+            records, stats = self.generator.run(contexts)
+            # A finished block's replies go to a Parquet shard before the driver hears of it, so a
+            # remote cache (no journal there) loses nothing of it when this worker goes away.
+            self.generator.cache.flush()
             out["block"].append(block)
             out["records"].append(_to_bytes(records, GENERATION_SCHEMA))
             out["stats"].append(json.dumps(stats.to_dict()))
         return pa.table(out)
+
+    def __del__(self) -> None:
+        generator = getattr(self, "generator", None)
+        if generator is not None:
+            generator.close()
 
 
 def generate_on_ray(config: GenerateConfig, *, runner: RunnerOptions) -> GenerateStats:

@@ -35,24 +35,6 @@ CONCURRENCY = 3
 WORKERS = 2
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    # Workers inherit the environment the cluster starts with.
-    with pytest.MonkeyPatch.context() as mp:
-        home = tmp_path_factory.mktemp("hf_home")
-        mp.setenv("OPENAI_API_KEY", "sk-test-never-logged")
-        mp.setenv("HF_HOME", str(home))
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("HF_DATASETS_OFFLINE", "1")
-        if ray.is_initialized():
-            ray.shutdown()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            yield
-        finally:
-            ray.shutdown()
-
-
 def _config(root: Path, name: str, url: str, runner: RunnerOptions) -> BuildConfig:
     return BuildConfig(
         output=str(root / name),

@@ -263,11 +263,15 @@ class Generator:
     """One cache, engine and set of backends, reused over many batches of contexts; ``close`` when done.
 
     A runner keeps one per worker process, so the cache is opened and the clients are made once,
-    and a worker's share of the rate limits holds across its blocks.
+    and a worker's share of the rate limits holds across its blocks. ``make`` builds a backend from
+    a spec (the Ray runner sends ``vllm:`` specs to its GPU engine pool through it).
     """
 
-    def __init__(self, *, config: GenerateConfig, image_store: str) -> None:
+    def __init__(
+        self, *, config: GenerateConfig, image_store: str, make: Callable[..., Any] = make_backend
+    ) -> None:
         self.config = config
+        self.make = make
         self.store = ImageStore(image_store)
         self.cache = GenerationCache(config.cache, fallbacks=config.extra_caches)
         self.engine = Engine(cache=self.cache, config=config.engine)
@@ -286,7 +290,7 @@ class Generator:
             options = (
                 {"max_connections": config.engine.max_concurrency} if parse_spec(spec)[0] == "openai" else {}
             )
-            self.backends[spec] = make_backend(
+            self.backends[spec] = self.make(
                 spec, image_loader=self.store.get, base_url=config.base_url, **options
             )
         return self.backends[spec]

@@ -270,12 +270,12 @@ def _in_order(results: Iterable[dict[str, Any]], n: int) -> Iterator[tuple[int, 
 
 
 class _GenerateWorker:
-    def __init__(self, config: GenerateConfig, image_store: str) -> None:
+    def __init__(self, config: GenerateConfig, image_store: str, vllm_pools: dict[str, Any]) -> None:
         from viscon_hub.generate.stages import Generator
 
         # One cache handle, engine and client per worker for all its blocks; a worker that dies
         # leaves its journal behind, and the restarted worker's cache folds it in.
-        self.generator = Generator(config=config, image_store=image_store)
+        self.generator = Generator(config=config, image_store=image_store, make=_backend_maker(vllm_pools))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from viscon_hub.generate.stages import GENERATION_SCHEMA
@@ -299,8 +299,44 @@ class _GenerateWorker:
             generator.close()
 
 
-def generate_on_ray(config: GenerateConfig, *, runner: RunnerOptions) -> GenerateStats:
-    """:func:`viscon_hub.generate.stages.generate` with blocks of contexts generated on Ray; the same files."""
+def _backend_maker(vllm_pools: dict[str, Any]) -> Callable[..., Any]:
+    """``make_backend``, except that ``vllm:`` models with a pool go to that pool's GPU engines."""
+    from viscon_hub.engine import make_backend, parse_spec
+
+    def make(spec: str, *, image_loader, **options: Any):
+        kind, model = parse_spec(spec)
+        if kind == "vllm" and model in vllm_pools:
+            from viscon_hub.runners.vllm_pool import RayVLLMBackend
+
+            return RayVLLMBackend(vllm_pools[model], image_loader=image_loader)
+        return make_backend(spec, image_loader=image_loader, **options)
+
+    return make
+
+
+def _start_vllm_pools(config: GenerateConfig, runner: RunnerOptions) -> dict[str, Any]:
+    """One engine pool per ``vllm:`` model of this run, one engine per GPU of the cluster."""
+    from viscon_hub.engine import parse_spec
+    from viscon_hub.runners.vllm_pool import VLLMPool
+
+    models = sorted(
+        {model for kind, model in map(parse_spec, (config.caption_model, config.qa_model)) if kind == "vllm"}
+    )
+    if not models or config.engine.offline:
+        return {}
+    ray = _ray(runner)
+    engines = VLLMPool.engines_for(ray.cluster_resources().get("GPU", 0.0) / len(models))
+    return {m: VLLMPool.start(m, engines=engines) for m in models}
+
+
+def generate_on_ray(
+    config: GenerateConfig, *, runner: RunnerOptions, vllm_pools: dict[str, Any] | None = None
+) -> GenerateStats:
+    """:func:`viscon_hub.generate.stages.generate` with blocks of contexts generated on Ray; the same files.
+
+    ``vllm_pools`` maps a ``vllm:`` model name to a running :class:`~viscon_hub.runners.vllm_pool.VLLMPool`;
+    by default one is started per such model (one engine per GPU) and stopped at the end.
+    """
     from viscon_hub.generate import stages
     from viscon_hub.records import IMAGE_CONTEXT_SCHEMA
 
@@ -313,6 +349,8 @@ def generate_on_ray(config: GenerateConfig, *, runner: RunnerOptions) -> Generat
         return stages.generate_records(contexts, config=config, image_store=store_url)[1]
     workers = cluster_workers(runner)
     worker_config = replace(config, engine=engine_share(config.engine, workers))
+    started_pools = _start_vllm_pools(config, runner) if vllm_pools is None else {}
+    pools = vllm_pools if vllm_pools is not None else started_pools
     size = runner.generate_block_size
     blocks = [contexts[i : i + size] for i in range(0, len(contexts), size)]
     items = [
@@ -322,15 +360,25 @@ def generate_on_ray(config: GenerateConfig, *, runner: RunnerOptions) -> Generat
     records: list[dict[str, Any]] = []
     parts: list[dict[str, Any]] = []
     results = _map_blocks(
-        runner, items, _GenerateWorker, workers=workers, config=worker_config, image_store=store_url
+        runner,
+        items,
+        _GenerateWorker,
+        workers=workers,
+        config=worker_config,
+        image_store=store_url,
+        vllm_pools=pools,
     )
-    for i, result in _in_order(results, len(blocks)):
-        if result is None:
-            block_records, part = _failed_generate_block(blocks[i], config)
-        else:
-            block_records, part = _from_bytes(result["records"]), json.loads(result["stats"])
-        records.extend(block_records)
-        parts.append(part)
+    try:
+        for i, result in _in_order(results, len(blocks)):
+            if result is None:
+                block_records, part = _failed_generate_block(blocks[i], config)
+            else:
+                block_records, part = _from_bytes(result["records"]), json.loads(result["stats"])
+            records.extend(block_records)
+            parts.append(part)
+    finally:
+        for pool in started_pools.values():
+            pool.stop()
     # Blocks hold every mode of their contexts; one run lists a mode's records before the next's.
     rank = {m: n for n, m in enumerate(config.modes)}
     records = [r for _, r in sorted(enumerate(records), key=lambda p: (rank[p[1]["context_mode"]], p[0]))]

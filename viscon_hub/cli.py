@@ -112,6 +112,44 @@ def _engine_config(args: argparse.Namespace, *, offline: bool):
     )
 
 
+def _add_runner_flags(p: argparse.ArgumentParser) -> None:
+    """``--runner`` and its Ray options, shared by ``prepare``, ``generate`` and ``build``."""
+    p.add_argument(
+        "--runner",
+        default="local",
+        choices=["local", "ray"],
+        help="local: this process; ray: blocks over a Ray cluster through ray.data (pip install 'viscon-hub[ray]')",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join (default: start a local one; 'auto': $RAY_ADDRESS)",
+    )
+    p.add_argument(
+        "--ray-workers",
+        type=_positive_int,
+        default=None,
+        help="concurrent Ray workers, each with its own engine (default: the cluster's CPUs)",
+    )
+
+
+def _runner_options(args: argparse.Namespace):
+    from viscon_hub.runners import RunnerOptions
+
+    return RunnerOptions(kind=args.runner, ray_address=args.ray_address, ray_workers=args.ray_workers)
+
+
+def _shard_flags(args: argparse.Namespace) -> tuple[int | None, int | None]:
+    """Explicit flags, else a Slurm job array's task, else nothing (the config's default)."""
+    import os
+
+    from viscon_hub.runners.slurm import resolve_shard
+
+    if args.num_shards is None and args.shard_index is None and not os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return None, None
+    return resolve_shard(args.num_shards, args.shard_index)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="viscon",
@@ -148,10 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokenizer.json, a folder with one, or a model id available "
         "offline (default: the bundled LLaMA/Vicuna vocabulary)",
     )
-    p.add_argument("--num-shards", type=_positive_int, default=None, help="split the corpus into N shards")
     p.add_argument(
-        "--shard-index", type=_non_negative_int, default=None, help="which shard this job runs (0-based)"
+        "--num-shards",
+        type=_positive_int,
+        default=None,
+        help="split the corpus into N shards (default $SLURM_ARRAY_TASK_COUNT in a job array)",
     )
+    p.add_argument(
+        "--shard-index",
+        type=_non_negative_int,
+        default=None,
+        help="which shard this job runs, 0-based (default from $SLURM_ARRAY_TASK_ID in a job array)",
+    )
+    _add_runner_flags(p)
     p.add_argument(
         "--max-images-per-document",
         type=_positive_int,
@@ -198,6 +245,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--context", default="contextual", choices=["contextual", "non_contextual", "both"])
     g.add_argument("--image-store", default=None, help="image store (default: the one prepare used)")
     g.add_argument("--limit", type=_non_negative_int, default=None, help="use at most N image contexts")
+    g.add_argument(
+        "--num-shards",
+        type=_positive_int,
+        default=None,
+        help="split the contexts into N contiguous shards (default $SLURM_ARRAY_TASK_COUNT in a job array)",
+    )
+    g.add_argument(
+        "--shard-index",
+        type=_non_negative_int,
+        default=None,
+        help="which shard this job runs, 0-based (default from $SLURM_ARRAY_TASK_ID in a job array)",
+    )
+    _add_runner_flags(g)
     g.add_argument("--offline", action="store_true", help="use only the cache; report misses, call nothing")
     g.add_argument(
         "--dry-run",
@@ -307,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="500MB",
         help="largest Parquet file per config and split, e.g. 500MB or 200KB (default 500MB, as push_to_hub)",
     )
+    _add_runner_flags(b)
     b.add_argument("--no-progress", action="store_true", help="no stage lines even on a terminal")
     _add_filter_flags(b)
     b.set_defaults(func=_cmd_build)
@@ -417,6 +478,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         "reasks": args.reasks,
         "dedup": dedup,
         "max_shard_size": args.max_shard_size,
+        "runner": _runner_options(args),
     }
     if args.test_fraction is not None:
         values["test_fraction"] = args.test_fraction
@@ -532,8 +594,11 @@ def _cache_alias(url: str) -> str:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import time
 
-    from viscon_hub.generate.stages import GenerateConfig, generate
+    from viscon_hub.generate.stages import GenerateConfig
+    from viscon_hub.runners import run_generate
 
+    num_shards, shard_index = _shard_flags(args)
+    runner = _runner_options(args)
     config = GenerateConfig(
         contexts=args.contexts,
         output=args.output,
@@ -553,6 +618,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         batch_poll_interval_s=args.batch_poll_interval,
         batch_file_only=args.batch_file_only,
         batch_results=tuple(args.batch_results),
+        num_shards=num_shards or 1,
+        shard_index=shard_index or 0,
     )
     live = not args.no_progress and sys.stderr.isatty()
     started = time.monotonic()
@@ -566,7 +633,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         )
         sys.stderr.flush()
 
-    stats = generate(config, progress=progress if live else None)
+    stats = run_generate(config, runner=runner, progress=progress if live else None)
     if live:
         sys.stderr.write("\n")
     summary = stats.to_dict()
@@ -629,16 +696,19 @@ def _filter_config(args: argparse.Namespace, base: Any) -> Any:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from viscon_hub.prepare.driver import PrepareConfig, prepare
+    from viscon_hub.prepare.driver import PrepareConfig
+    from viscon_hub.runners import run_prepare
 
+    num_shards, shard_index = _shard_flags(args)
+    runner = _runner_options(args)
     overrides = {
         "source": args.source,
         "output": args.output,
         "limit": args.limit,
         "max_tokens": args.max_tokens,
         "tokenizer": args.tokenizer,
-        "num_shards": args.num_shards,
-        "shard_index": args.shard_index,
+        "num_shards": num_shards,
+        "shard_index": shard_index,
         "max_images_per_document": args.max_images_per_document,
         "image_store": args.image_store,
         "split": args.split,
@@ -669,7 +739,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
         bar = tqdm(total=config.limit, unit="doc", desc="prepare", file=sys.stderr)
     try:
-        stats = prepare(config, progress=bar.update if bar is not None else None)
+        stats = run_prepare(config, runner=runner, progress=bar.update if bar is not None else None)
     finally:
         if bar is not None:
             bar.close()

@@ -44,6 +44,7 @@ from viscon_hub.engine import EngineConfig
 from viscon_hub.errors import ConfigError
 from viscon_hub.generate.relevance import RelevanceConfig
 from viscon_hub.prepare.filters import FilterConfig
+from viscon_hub.runners import RunnerOptions, run_generate, run_prepare
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class BuildConfig:
     multiple_choice: MultipleChoiceQuality = field(default_factory=MultipleChoiceQuality)
     filters: FilterConfig = field(default_factory=FilterConfig)
     relevance: RelevanceConfig = field(default_factory=RelevanceConfig)
+    runner: RunnerOptions = field(default_factory=RunnerOptions)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
@@ -137,22 +139,23 @@ class BuildReport:
 
 def build(config: BuildConfig, *, progress: Callable[[str], None] | None = None) -> BuildReport:
     """Run prepare, generate, then :func:`write_dataset`; intermediate outputs go to ``config.work``."""
-    from viscon_hub.generate.stages import GenerateConfig, check_models, generate
-    from viscon_hub.prepare.driver import PrepareConfig, prepare
+    from viscon_hub.generate.stages import GenerateConfig, check_models
+    from viscon_hub.prepare.driver import PrepareConfig
 
     check_models(config.caption_model, config.qa_model, base_url=config.base_url, offline=config.offline)
     work = config.work.rstrip("/")
     say = progress or (lambda _msg: None)
     started = time.monotonic()
     say("prepare")
-    prep = prepare(
+    prep = run_prepare(
         PrepareConfig(
             source=config.source,
             output=f"{work}/contexts",
             limit=config.limit,
             revision=config.revision,
             filters=config.filters,
-        )
+        ),
+        runner=config.runner,
     )
     if prep.documents_read and not prep.images_kept:
         from viscon_hub.errors import RunFailedError
@@ -163,7 +166,7 @@ def build(config: BuildConfig, *, progress: Callable[[str], None] | None = None)
             f"see {work}/contexts/drops/ for each drop and its reason"
         )
     say("generate")
-    gen = generate(
+    gen = run_generate(
         GenerateConfig(
             contexts=f"{work}/contexts",
             output=f"{work}/generations",
@@ -176,7 +179,8 @@ def build(config: BuildConfig, *, progress: Callable[[str], None] | None = None)
             image_store=f"{work}/contexts/images",
             reasks=config.reasks,
             engine=replace(config.engine, offline=config.offline),
-        )
+        ),
+        runner=config.runner,
     )
     scored = None
     if config.relevance.model:

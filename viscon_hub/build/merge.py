@@ -293,31 +293,65 @@ def _provenance(record: dict[str, Any]) -> str:
 READ_BATCH = 2048  # records per batch: the unit of reading, dedup and row making
 
 
-def generation_records(generations: str) -> tuple[Path, dict[str, Any]]:
-    """The records file and the stats of a ``viscon generate`` folder."""
-    root = Path(generations)
-    path = root / "generations" / "records.parquet"
-    if not path.is_file():
-        raise ConfigError(
-            f"{generations!r} holds no generations/records.parquet: run `viscon generate` first"
-        )
-    stats_path = root / "stats.json"
+def generation_records(generations: str) -> tuple[list[str], dict[str, Any]]:
+    """The records files (one, or every ``--num-shards`` part in shard order) and the stats of a
+    ``viscon generate`` folder."""
+    from viscon_hub.generate.stages import generation_parts
+
+    paths = generation_parts(generations)
+    stats_path = Path(generations) / "stats.json"
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
-    return path, stats
+    return paths, stats
 
 
 def iter_record_batches(
-    path: Path, columns: tuple[str, ...] | None, drops: Counter[str], batch_size: int = READ_BATCH
+    paths: list[str] | str | Path,
+    columns: tuple[str, ...] | None,
+    drops: Counter[str],
+    batch_size: int = READ_BATCH,
 ) -> Iterator[list[dict[str, Any]]]:
     """Lists of at most ``batch_size`` generation records, one row group read at a time.
 
-    A row group that cannot be read (a damaged file) is counted in ``drops`` by its rows, under
-    ``records/unreadable_row_group``; the others are still read.
+    Several files are the parts of a sharded ``viscon generate``: each holds its share of the
+    contexts mode by mode, so they are read mode by mode, part after part, which is the record order
+    of one unsharded run. A row group that cannot be read (a damaged file) is counted in ``drops`` by
+    its rows, under ``records/unreadable_row_group``; the others are still read.
     """
-    pf = pq.ParquetFile(path)
-    try:
+    if isinstance(paths, str | Path):
+        paths = [str(paths)]
+    if len(paths) == 1:
+        chunks = _file_batches(paths[0], columns, drops, batch_size, mode=None)
+    else:
+        chunks = (
+            chunk
+            for n, mode in enumerate(("contextual", "non_contextual"))
+            for path in paths
+            for chunk in _file_batches(path, columns, drops if n == 0 else Counter(), batch_size, mode=mode)
+        )
+    # Batches of exactly ``batch_size`` records in record order, whatever the files' row groups: the
+    # per-batch dedup figures are then the same for one records file and for its shards.
+    pending: list[dict[str, Any]] = []
+    for chunk in chunks:
+        pending.extend(chunk)
+        while len(pending) >= batch_size:
+            yield pending[:batch_size]
+            pending = pending[batch_size:]
+    if pending:
+        yield pending
+
+
+def _file_batches(
+    path: str, columns: tuple[str, ...] | None, drops: Counter[str], batch_size: int, *, mode: str | None
+) -> Iterator[list[dict[str, Any]]]:
+    import fsspec
+    import pyarrow.compute as pc
+
+    fs, local = fsspec.core.url_to_fs(path)
+    with fs.open(local, "rb") as f, pq.ParquetFile(f) as pf:
         names = set(pf.schema_arrow.names)
         wanted = [c for c in columns or GENERATION_COLUMNS if c in names]
+        if mode is not None and "context_mode" not in wanted:
+            wanted.append("context_mode")
         for i in range(pf.num_row_groups):
             try:
                 table = pf.read_row_group(i, columns=wanted)
@@ -326,11 +360,11 @@ def iter_record_batches(
                 logger.warning("row group %d of %s is unreadable (%s): %d records dropped", i, path, e, n)
                 drops["records/unreadable_row_group"] += n
                 continue
+            if mode is not None:
+                table = table.filter(pc.equal(table["context_mode"], mode))
             for batch in table.to_batches(max_chunksize=batch_size):
                 yield batch.to_pylist()
             del table
-    finally:
-        pf.close()
 
 
 class PageSplits:
@@ -438,7 +472,7 @@ class Merger:
         self.offline, self.cache_only = offline, cache_only
         self.cache_url, self.extra_caches = cache, tuple(extra_caches)
         self.batch_size = batch_size
-        self.path, self.generation_stats = generation_records(generations)
+        self.paths, self.generation_stats = generation_records(generations)
         # Mixes need no page text: leaving the big columns unread halves the merge's time and memory.
         self.columns = None if per_image else MIX_COLUMNS
         self.store = ImageStore(
@@ -463,7 +497,7 @@ class Merger:
         self.image_sample: list[str] = []
         cache = self.cache()
         scan_drops: Counter[str] = Counter()
-        for batch in iter_record_batches(self.path, SCAN_COLUMNS, scan_drops, self.batch_size):
+        for batch in iter_record_batches(self.paths, SCAN_COLUMNS, scan_drops, self.batch_size):
             for r in batch:
                 if not r.get("document_id"):
                     continue  # counted when the rows are made
@@ -577,7 +611,7 @@ class Merger:
         by_mode = {m: [c for c in configs if config_mode(c) == m] for m in self.modes}
         by_mode = {m: cs for m, cs in by_mode.items() if cs}
         self.dedup_info = {}
-        for batch in iter_record_batches(self.path, self.columns, self.drops, self.batch_size):
+        for batch in iter_record_batches(self.paths, self.columns, self.drops, self.batch_size):
             for mode, mode_configs in by_mode.items():
                 ok = []
                 for r in batch:

@@ -74,8 +74,11 @@ class GenerateConfig:
     batch_poll_interval_s: float = 60.0
     batch_file_only: bool = False
     batch_results: tuple[str, ...] = ()
+    num_shards: int = 1
+    shard_index: int = 0
 
     def __post_init__(self) -> None:
+        check_shard(self.num_shards, self.shard_index)
         if self.context not in ("contextual", "non_contextual", "both"):
             raise ConfigError(f"--context must be contextual, non_contextual or both; got {self.context!r}")
         parse_spec(self.caption_model)
@@ -96,6 +99,33 @@ class GenerateConfig:
     @property
     def modes(self) -> list[ContextMode]:
         return ["contextual", "non_contextual"] if self.context == "both" else [self.context]  # type: ignore[list-item]
+
+    @property
+    def shard_name(self) -> str:
+        return f"{self.shard_index:05d}-of-{self.num_shards:05d}"
+
+
+def check_shard(num_shards: int, shard_index: int) -> None:
+    """Refuse a shard that does not exist, saying which ones do."""
+    if num_shards < 1:
+        raise ConfigError(f"--num-shards must be >= 1; got {num_shards}")
+    if not 0 <= shard_index < num_shards:
+        raise ConfigError(
+            f"--shard-index must be in [0, {num_shards - 1}] for --num-shards {num_shards}; got {shard_index}"
+        )
+
+
+def shard_slice(items: list, num_shards: int, shard_index: int) -> list:
+    """The contiguous share of ``items`` that shard ``shard_index`` of ``num_shards`` owns.
+
+    Contiguous shares keep record order: shard outputs concatenated in shard order, then stably
+    sorted by context mode, are the records of one unsharded run.
+
+    >>> [shard_slice(list(range(5)), 2, i) for i in (0, 1)]
+    [[0, 1], [2, 3, 4]]
+    """
+    n = len(items)
+    return items[n * shard_index // num_shards : n * (shard_index + 1) // num_shards]
 
 
 @dataclass(slots=True)
@@ -256,72 +286,131 @@ def caption_messages(template: PromptTemplate, ctx: ImageContext, mode: ContextM
 def generate(
     config: GenerateConfig, *, progress: Callable[[str, RunReport], None] | None = None
 ) -> GenerateStats:
-    """Caption every image context, then ask for both kinds of Q&A; write records and stats."""
+    """Caption every image context, then ask for both kinds of Q&A; write records and stats.
+
+    With ``num_shards`` > 1 only this shard's contiguous share of the contexts is generated, into
+    ``generations/records-I-of-N.parquet``; :func:`read_generations` reads every shard back in order.
+    """
     started = time.monotonic()
     offline = config.engine.offline or config.dry_run
     check_models(config.caption_model, config.qa_model, base_url=config.base_url, offline=offline)
     contexts = read_contexts(config.contexts, limit=config.limit)
-    stats = GenerateStats(contexts_read=len(contexts))
+    contexts = shard_slice(contexts, config.num_shards, config.shard_index)
     store_url = _image_store_of(config.contexts, config.image_store)
-    store = ImageStore(store_url)
-    cache = GenerationCache(config.cache, fallbacks=config.extra_caches)
-    batch_dir = str(Path(fsspec.core.url_to_fs(config.cache)[1], "batches"))
-    for results_file in config.batch_results:
-        from viscon_hub.engine.backends.openai_batch import ingest_results
+    generator = Generator(config=config, image_store=store_url)
+    try:
+        generator.ingest(config.batch_results)
+        records, stats = generator.run(contexts, progress=progress)
+        backends = list(generator.backends.values())
+    finally:
+        generator.close()
+    for name, n in generator.batch_counts.items():
+        stats.batch[name] = stats.batch.get(name, 0) + n
+    if config.dry_run:
+        stats.plan["total"] = _plan_total(stats.plan)
+    elif not stats.batch.get("batch_files"):
+        _write_outputs(config, records, stats, started, image_store=store_url)
+        _check_outcome(config, stats, generator.engine, backends)
+    return stats
 
-        counts = ingest_results(results_file, cache, index_dir=batch_dir)
-        logger.info("ingested %s: %s", results_file, dict(counts))
-        for name, n in counts.items():
-            stats.batch[f"ingested_{name}"] = stats.batch.get(f"ingested_{name}", 0) + n
-    engine = Engine(cache=cache, config=config.engine)
-    caption_stages = {
-        m: _Stage(load_template(CAPTION_TEMPLATES[m]), config.caption_model) for m in config.modes
-    }
-    ff_stage = _Stage(load_template("qa_freeform"), config.qa_model)
-    mc_stage = _Stage(load_template("qa_multiple_choice"), config.qa_model)
 
-    backends: dict[str, Any] = {}
+def generate_records(
+    contexts: list[ImageContext],
+    *,
+    config: GenerateConfig,
+    image_store: str,
+    progress: Callable[[str, RunReport], None] | None = None,
+) -> tuple[list[dict[str, Any]], GenerateStats]:
+    """The generation records of ``contexts`` (mode by mode, in context order) and their counts."""
+    generator = Generator(config=config, image_store=image_store)
+    try:
+        return generator.run(contexts, progress=progress)
+    finally:
+        generator.close()
 
-    def backend(spec: str):
+
+class Generator:
+    """One cache, engine and set of backends, reused over many batches of contexts; ``close`` when done.
+
+    A runner keeps one per worker process, so the cache is opened and the clients are made once,
+    and a worker's share of the rate limits holds across its blocks. ``make`` builds a backend from
+    a spec (the Ray runner sends ``vllm:`` specs to its GPU engine pool through it).
+    """
+
+    def __init__(
+        self, *, config: GenerateConfig, image_store: str, make: Callable[..., Any] = make_backend
+    ) -> None:
+        self.config = config
+        self.make = make
+        self.store = ImageStore(image_store)
+        self.cache = GenerationCache(config.cache, fallbacks=config.extra_caches)
+        self.engine = Engine(cache=self.cache, config=config.engine)
+        self.caption_stages = {
+            m: _Stage(load_template(CAPTION_TEMPLATES[m]), config.caption_model) for m in config.modes
+        }
+        self.ff_stage = _Stage(load_template("qa_freeform"), config.qa_model)
+        self.mc_stage = _Stage(load_template("qa_multiple_choice"), config.qa_model)
+        self.backends: dict[str, Any] = {}
+        self.batch_dir = str(Path(fsspec.core.url_to_fs(config.cache)[1], "batches"))
+        self.batch_counts: dict[str, int] = {}
+
+    def backend(self, spec: str):
+        config = self.config
         if config.engine.offline or config.dry_run:
             return None
-        if spec not in backends:
+        if spec not in self.backends:
             kind = parse_spec(spec)[0]
             options: dict[str, Any] = {}
             if kind == "openai":
                 options = {"max_connections": config.engine.max_concurrency}
             elif kind == "openai-batch":
                 options = {
-                    "batch_dir": batch_dir,
+                    "batch_dir": self.batch_dir,
                     "max_requests": config.batch_max_requests,
                     "max_bytes": config.batch_max_bytes,
                     "poll_interval_s": config.batch_poll_interval_s,
                     "file_only": config.batch_file_only,
                 }
-            backends[spec] = make_backend(
+            self.backends[spec] = self.make(
                 spec,
-                image_loader=store.get,
+                image_loader=self.store.get,
                 base_url=config.base_url,
                 timeout_s=config.engine.request_timeout_s,
                 **options,
             )
-        return backends[spec]
+        return self.backends[spec]
 
-    records: list[dict[str, Any]] = []
-    batch_files: list[str] = []
-    try:
-        for mode in config.modes:
+    def ingest(self, results_files: tuple[str, ...]) -> None:
+        """Store the replies of batch results files (OpenAI or ``vllm run-batch``) in the cache first."""
+        from viscon_hub.engine.backends.openai_batch import ingest_results
+
+        for results_file in results_files:
+            counts = ingest_results(results_file, self.cache, index_dir=self.batch_dir)
+            logger.info("ingested %s: %s", results_file, dict(counts))
+            for name, n in counts.items():
+                key = f"ingested_{name}"
+                self.batch_counts[key] = self.batch_counts.get(key, 0) + n
+
+    def run(
+        self, contexts: list[ImageContext], *, progress: Callable[[str, RunReport], None] | None = None
+    ) -> tuple[list[dict[str, Any]], GenerateStats]:
+        """The records of ``contexts`` and the counts of this call alone."""
+        stats = GenerateStats(contexts_read=len(contexts))
+        self.engine.report = RunReport()
+        records: list[dict[str, Any]] = []
+        batch_files: list[str] = []
+        for mode in self.config.modes:
             try:
                 records.extend(
                     _run_mode(
                         mode,
                         contexts,
-                        config=config,
-                        engine=engine,
-                        caption_stage=caption_stages[mode],
-                        ff_stage=ff_stage,
-                        mc_stage=mc_stage,
-                        backend=backend,
+                        config=self.config,
+                        engine=self.engine,
+                        caption_stage=self.caption_stages[mode],
+                        ff_stage=self.ff_stage,
+                        mc_stage=self.mc_stage,
+                        backend=self.backend,
                         stats=stats,
                         progress=progress,
                     )
@@ -330,23 +419,21 @@ def generate(
                 # --batch-file-only: a stage with requests to send wrote them, and this mode stops
                 # there (Q&A needs its captions); the other mode may still write its own.
                 batch_files.extend(e.paths)
-    finally:
-        cache.close()
-        for b in backends.values():
+        if batch_files:
+            stats.batch["batch_files"] = batch_files
+        stats.engine = self.engine.report.to_dict()
+        if self.engine.prices.unpriced:
+            stats.engine["unpriced_models"] = sorted(self.engine.prices.unpriced)
+        return records, stats
+
+    def close(self) -> None:
+        """Close the cache and every backend; the batch backends' counts stay in :attr:`batch_counts`."""
+        self.cache.close()
+        for b in self.backends.values():
             _close(b)
             for name, n in getattr(b, "counts", {}).items():
-                stats.batch[name] = stats.batch.get(name, 0) + n
-    stats.engine = engine.report.to_dict()
-    if engine.prices.unpriced:
-        stats.engine["unpriced_models"] = sorted(engine.prices.unpriced)
-    if config.dry_run:
-        stats.plan["total"] = _plan_total(stats.plan)
-    elif batch_files:
-        stats.batch["batch_files"] = batch_files
-    else:
-        _write_outputs(config, records, stats, started, image_store=store_url)
-        _check_outcome(config, stats, engine, list(backends.values()))
-    return stats
+                self.batch_counts[name] = self.batch_counts.get(name, 0) + n
+        self.backends.clear()
 
 
 def _plan_total(plan: dict[str, dict]) -> dict[str, Any]:
@@ -583,12 +670,14 @@ def _write_outputs(
     fs, root = fsspec.core.url_to_fs(config.output)
     fs.makedirs(f"{root}/generations", exist_ok=True)
     table = pa.Table.from_pylist(records, schema=GENERATION_SCHEMA)
-    target = f"{root}/generations/records.parquet"
+    sharded = config.num_shards > 1
+    name = f"records-{config.shard_name}.parquet" if sharded else "records.parquet"
+    target = f"{root}/generations/{name}"
     local = Path(root) if is_local(fs) else None
     if local is not None:
-        tmp = local / "generations" / ".records.parquet.tmp"
+        tmp = local / "generations" / f".{name}.tmp"
         pq.write_table(table, tmp, compression="zstd", row_group_size=RECORDS_ROW_GROUP)
-        tmp.replace(local / "generations" / "records.parquet")
+        tmp.replace(local / "generations" / name)
     else:
         with fs.open(target, "wb") as f:
             pq.write_table(table, f, compression="zstd", row_group_size=RECORDS_ROW_GROUP)
@@ -602,8 +691,128 @@ def _write_outputs(
         "viscon_hub_version": __version__,
         "elapsed_s": round(time.monotonic() - started, 3),
     }
-    with fs.open(f"{root}/stats.json", "w") as f:
+    if not sharded:
+        with fs.open(f"{root}/stats.json", "w") as f:
+            json.dump(summary, f, indent=2, sort_keys=True)
+        return
+    write_shard_stats(config.output, summary, shard_name=config.shard_name, num_shards=config.num_shards)
+
+
+def write_shard_stats(output: str, summary: dict[str, Any], *, shard_name: str, num_shards: int) -> None:
+    """Write one shard's stats, then ``stats.json`` as the merge of every shard file present.
+
+    Any shard may finish last; the merge is idempotent, so each shard rewrites it.
+    """
+    fs, root = fsspec.core.url_to_fs(output)
+    fs.makedirs(f"{root}/stats", exist_ok=True)
+    with fs.open(f"{root}/stats/shard-{shard_name}.json", "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)
+    parts = []
+    for path in sorted(fs.glob(f"{root}/stats/shard-*-of-{num_shards:05d}.json")):
+        with fs.open(path, "r") as f:
+            parts.append(json.load(f))
+    merged = merge_stats(parts)
+    merged.update(num_shards=num_shards, shards_done=len(parts))
+    with fs.open(f"{root}/stats.json", "w") as f:
+        json.dump(merged, f, indent=2, sort_keys=True)
 
 
-__all__ = ["GENERATION_SCHEMA", "GenerateConfig", "GenerateStats", "generate", "read_contexts"]
+def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts summed (nested mappings too), elapsed time the longest, other values from the first part.
+
+    >>> merge_stats([{"records": 2, "dropped": {"a": 1}, "context": "both"}, {"records": 3, "dropped": {"b": 1}}])
+    {'records': 5, 'dropped': {'a': 1, 'b': 1}, 'context': 'both'}
+    """
+
+    def add(a: Any, b: Any) -> Any:
+        if isinstance(a, dict) and isinstance(b, dict):
+            out = dict(a)
+            for k, v in b.items():
+                out[k] = add(out[k], v) if k in out else v
+            return out
+        if isinstance(a, bool) or isinstance(b, bool):
+            return a
+        if isinstance(a, int | float) and isinstance(b, int | float):
+            return round(a + b, 6) if isinstance(a + b, float) else a + b
+        if isinstance(a, list) and isinstance(b, list):
+            return sorted(set(a) | set(b)) if all(isinstance(x, str) for x in a + b) else a
+        return a
+
+    merged: dict[str, Any] = {}
+    for part in parts:
+        elapsed = max(merged.get("elapsed_s", 0.0), part.get("elapsed_s", 0.0))
+        merged = add(merged, part) if merged else dict(part)
+        if "elapsed_s" in merged:
+            merged["elapsed_s"] = elapsed
+    return merged
+
+
+def generation_parts(generations: str) -> list[str]:
+    """The records files of a ``viscon generate`` folder: ``records.parquet``, or every shard's part.
+
+    Parts come in shard order; a folder with parts of runs with different ``--num-shards``, or with
+    a shard missing, is an error that says which.
+    """
+    fs, root = fsspec.core.url_to_fs(generations)
+    root = root.rstrip("/")
+    single = f"{root}/generations/records.parquet"
+    parts = sorted(fs.glob(f"{root}/generations/records-*-of-*.parquet"))
+    if not parts:
+        if not fs.exists(single):
+            raise ConfigError(
+                f"{generations!r} holds no generations/records.parquet: run `viscon generate` first"
+            )
+        return [single]
+    counts = {p.rsplit("-of-", 1)[1].removesuffix(".parquet") for p in parts}
+    if len(counts) != 1:
+        raise ConfigError(
+            f"{generations!r} holds parts of runs with different --num-shards ({sorted(counts)}); "
+            "remove the stale generations/records-*.parquet files and rerun"
+        )
+    expected = int(counts.pop())
+    if len(parts) != expected:
+        have = sorted(int(p.rsplit("records-", 1)[1].split("-of-")[0]) for p in parts)
+        missing = sorted(set(range(expected)) - set(have))
+        raise ConfigError(
+            f"{generations!r} holds {len(parts)} of {expected} generation shards; missing shard(s) "
+            f"{missing}: run `viscon generate --num-shards {expected} --shard-index I` for each"
+        )
+    return sorted(parts, key=lambda p: int(p.rsplit("records-", 1)[1].split("-of-")[0]))
+
+
+def read_generations(generations: str, *, columns: list[str] | None = None) -> pa.Table:
+    """The records of a ``viscon generate`` folder: ``records.parquet``, or every shard's part in order.
+
+    Shards own contiguous shares of the contexts, so concatenating them in shard order and stably
+    sorting by context mode gives exactly the record order of one unsharded run.
+    """
+    fs, _ = fsspec.core.url_to_fs(generations)
+    parts = generation_parts(generations)
+    if len(parts) == 1 and parts[0].endswith("/records.parquet"):
+        with fs.open(parts[0], "rb") as f:
+            return pq.read_table(f, columns=columns)
+    wanted = None if columns is None else list(dict.fromkeys([*columns, "context_mode"]))
+    tables = []
+    for path in parts:
+        with fs.open(path, "rb") as f:
+            tables.append(pq.read_table(f, columns=wanted))
+    table = pa.concat_tables(tables)
+    modes = table.column("context_mode").to_pylist()
+    rank = {"contextual": 0, "non_contextual": 1}
+    order = sorted(range(len(modes)), key=lambda i: (rank.get(modes[i], 2), i))
+    table = table.take(pa.array(order, type=pa.int64()))
+    return table if columns is None else table.select(columns)
+
+
+__all__ = [
+    "GENERATION_SCHEMA",
+    "GenerateConfig",
+    "GenerateStats",
+    "Generator",
+    "generate",
+    "generate_records",
+    "read_contexts",
+    "generation_parts",
+    "read_generations",
+    "shard_slice",
+]

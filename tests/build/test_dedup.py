@@ -17,7 +17,7 @@ from viscon_hub.build.dedup import (
 from viscon_hub.engine import GenerationCache
 from viscon_hub.engine.backends.embed_backend import embed_request, encode_embedding
 from viscon_hub.errors import ConfigError
-from viscon_hub.generate.handwritten import HANDWRITTEN
+from viscon_hub.resources import HANDWRITTEN
 
 FF, MC = "freeform", "multiple_choice"
 MINILM = "bundled:all-MiniLM-L6-v2"

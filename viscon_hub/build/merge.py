@@ -47,7 +47,6 @@ from viscon_hub.prepare.filters import drop_toxic_records
 from viscon_hub.records import (
     GENERATION_COLUMNS,
     GENERATION_KEY_COLUMNS,
-    GENERATION_PAGE_COLUMNS,
     GENERATION_TEMPLATE_COLUMNS,
 )
 from viscon_hub.resources import PACKAGE_DATA, config_path
@@ -222,7 +221,6 @@ MIX_COLUMNS = tuple(
         "image_format",
     }
 )
-assert not set(MIX_COLUMNS) & set(GENERATION_PAGE_COLUMNS)
 # What the first pass reads: pages for the splits, templates and cache keys for the card and costs.
 SCAN_COLUMNS = tuple(
     c

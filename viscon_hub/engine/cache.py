@@ -325,8 +325,9 @@ class GenerationCache:
         self._journal.flush()
 
     def _close_journal(self, *, delete: bool) -> None:
-        assert self._journal is not None and self._journal_path is not None
-        if delete:
+        if self._journal is None:
+            return
+        if delete and self._journal_path is not None:
             self._journal_path.unlink(missing_ok=True)
         self._journal.close()
         self._journal = None

@@ -39,7 +39,7 @@ from yarl import URL
 
 from viscon_hub.errors import ConfigError
 from viscon_hub.prepare.images.check import check_image
-from viscon_hub.prepare.images.guard import BlockedAddressError, GuardedResolver, check_url, redact
+from viscon_hub.prepare.images.guard import BlockedAddressError, GuardedResolver, Refusal, check_url, redact
 from viscon_hub.prepare.images.policy import FetchPolicy
 from viscon_hub.prepare.images.store import ImageStore, IndexRecord, sha256_hex
 from viscon_hub.records import ImageSource
@@ -221,15 +221,20 @@ async def _read_body(resp: aiohttp.ClientResponse, policy: FetchPolicy) -> _Outc
     return _Outcome(data=bytes(body))
 
 
+def _refusal(refusal: Refusal | None) -> tuple[str, str]:
+    """The reason and message of a refused URL (``check_url`` gives a refusal whenever no URL)."""
+    return (refusal.reason, refusal.message) if refusal is not None else ("invalid_url", "URL refused")
+
+
 async def _attempt(session: aiohttp.ClientSession, url: URL, policy: FetchPolicy) -> _Outcome:
     """One attempt: follow redirects by hand, checking every hop before connecting to it."""
     current = url
     for hop in range(policy.max_redirects + 1):
         if hop:
             checked, refusal = check_url(current, policy=policy)
-            if refusal is not None or checked is None:
-                assert refusal is not None
-                return _Outcome(reason=refusal.reason, error=f"redirect refused: {refusal.message}")
+            if checked is None:
+                reason, message = _refusal(refusal)
+                return _Outcome(reason=reason, error=f"redirect refused: {message}")
             current = checked
         try:
             async with session.get(current, allow_redirects=False) as resp:
@@ -262,9 +267,9 @@ async def _fetch_url(
     limiter: asyncio.Semaphore,
 ) -> tuple[_Outcome, int]:
     url, refusal = check_url(raw, policy=policy)
-    if refusal is not None or url is None:
-        assert refusal is not None
-        return _Outcome(reason=refusal.reason, error=refusal.message), 0
+    if url is None:
+        reason, message = _refusal(refusal)
+        return _Outcome(reason=reason, error=message), 0
     attempt = 0
     while True:
         attempt += 1
@@ -365,18 +370,17 @@ class _Batch:
         if src.kind == "bytes":
             outcome = _Outcome(data=src.data or b"")
         elif src.kind == "path":
-            assert src.path is not None
             try:
                 outcome = await asyncio.wait_for(
-                    asyncio.to_thread(_read_path, src.path, self.policy.max_bytes), self.policy.timeout_s
+                    asyncio.to_thread(_read_path, src.path or "", self.policy.max_bytes),
+                    self.policy.timeout_s,
                 )
             except TimeoutError:
                 outcome = _Outcome(reason="timeout", error=f"no read within {self.policy.timeout_s}s")
         else:
-            assert src.url is not None
             session = self.session or await self.open_session()
             outcome, attempts = await _fetch_url(
-                src.url, session=session, policy=self.policy, limiter=self.limiter
+                src.url or "", session=session, policy=self.policy, limiter=self.limiter
             )
         if outcome.data is None:
             result = ImageResult(

@@ -22,16 +22,19 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
 
-from viscon_hub.engine.backends.base import Backend, BackendError
+from viscon_hub.engine.backends.base import Backend, BackendError, ImageLoader
+from viscon_hub.engine.backends.registry import make_backend
 from viscon_hub.engine.cache import GenerationCache
 from viscon_hub.engine.prices import PriceTable
 from viscon_hub.engine.request import Completion, Request
 from viscon_hub.errors import ConfigError, EndpointError, redact
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 OFFLINE_MISS = "offline: not in cache"
 BUDGET_STOP = "budget: --max-cost reached"
@@ -164,6 +167,28 @@ def endpoint_of(backend: Backend | None) -> str:
     return f"{getattr(backend, 'name', 'backend')}:{getattr(backend, 'model', '?')}"
 
 
+def _run_sync(coroutine_function: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine to its end from sync code, in a worker thread when a loop already runs here."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine_function())
+    box: list = []
+
+    def in_thread() -> None:
+        try:
+            box.append(asyncio.run(coroutine_function()))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread below
+            box.append(e)
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    thread.join()
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
+
+
 class _TokenBucket:
     """A rate in units per second with a burst of ``capacity``; ``acquire`` waits for room."""
 
@@ -200,6 +225,42 @@ class Engine:
         self._rng = random.Random(self.config.jitter_seed)
         self._outcomes: deque[bool] = deque(maxlen=self.config.error_window)  # True: the attempt failed
         self.last_error: str | None = None
+        self._backends: dict[str, Backend] = {}
+
+    # -- clients -------------------------------------------------------------------------------
+    def backend(self, spec: str, *, image_loader: ImageLoader, **options: Any) -> Backend | None:
+        """The backend ``spec`` names, made on first use and kept until :meth:`close`; None offline.
+
+        One engine holds one client per spec, so stages that share a model share its connection
+        pool (or its loaded weights); ``options`` of a later call for the same spec are ignored.
+        """
+        if self.config.offline:
+            return None
+        if spec not in self._backends:
+            self._backends[spec] = make_backend(
+                spec, image_loader=image_loader, timeout_s=self.config.request_timeout_s, **options
+            )
+        return self._backends[spec]
+
+    @property
+    def backends(self) -> list[Backend]:
+        """The backends this engine made and has not closed yet."""
+        return list(self._backends.values())
+
+    def close(self) -> None:
+        """Close every backend this engine made; a failure to close is logged, never raised."""
+        backends, self._backends = list(self._backends.values()), {}
+        for backend in backends:
+            try:
+                _run_sync(backend.aclose)
+            except Exception as e:  # noqa: BLE001 - closing must not hide the run's result
+                logger.debug("closing %s: %s", endpoint_of(backend), redact(e))
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- planning ------------------------------------------------------------------------------
     def plan(self, requests: Sequence[Request], *, batch_prices: bool = False) -> dict:
@@ -237,28 +298,10 @@ class Engine:
                 return await self.arun(requests, backend=backend, progress=progress)
             finally:
                 # Clients bound to this event loop (aiohttp sessions) must close before it does.
-                end = getattr(backend, "end_loop", None)
-                if end is not None:
-                    await end()
+                if backend is not None:
+                    await backend.end_loop()
 
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(once())
-        box: list = []
-
-        def in_thread() -> None:
-            try:
-                box.append(asyncio.run(once()))
-            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread below
-                box.append(e)
-
-        thread = threading.Thread(target=in_thread)
-        thread.start()
-        thread.join()
-        if isinstance(box[0], BaseException):
-            raise box[0]
-        return box[0]
+        return _run_sync(once)
 
     async def arun(
         self,
@@ -297,8 +340,7 @@ class Engine:
                 )
             report.offline_misses += len(misses)
             misses = []
-        if misses:
-            assert backend is not None
+        if misses and backend is not None:
             await self._call_all(misses, backend, results, report, progress)
         report.elapsed_s = time.perf_counter() - started
         self.report.merge(report)
@@ -313,7 +355,7 @@ class Engine:
         report: RunReport,
         progress: Callable[[RunReport], None] | None,
     ) -> None:
-        batch_prices = getattr(backend, "price_tier", None) == "batch"
+        batch_prices = backend.price_tier == "batch"
         # A provider's batch API has its own limits, counted by the provider, not per request here.
         limits = not batch_prices
         rpm = (
@@ -324,7 +366,7 @@ class Engine:
         tpm = (
             _TokenBucket(self.config.tokens_per_minute) if limits and self.config.tokens_per_minute else None
         )
-        batch_size = max(1, int(getattr(backend, "max_batch", 1)))
+        batch_size = max(1, int(backend.max_batch))
         queue: list[list[Request]] = [misses[i : i + batch_size] for i in range(0, len(misses), batch_size)]
         queue.reverse()
         workers = 1 if batch_size > 1 else min(self.config.max_concurrency, len(queue))

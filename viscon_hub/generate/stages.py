@@ -28,7 +28,6 @@ from viscon_hub.engine import (
     GenerationCache,
     Request,
     RunReport,
-    make_backend,
     parse_spec,
 )
 from viscon_hub.engine.backends.openai_batch import BatchFilesWritten
@@ -280,32 +279,22 @@ def generate(
     ff_stage = _Stage(load_template("qa_freeform"), config.qa_model)
     mc_stage = _Stage(load_template("qa_multiple_choice"), config.qa_model)
 
-    backends: dict[str, Any] = {}
-
     def backend(spec: str):
-        if config.engine.offline or config.dry_run:
+        if config.dry_run:
             return None
-        if spec not in backends:
-            kind = parse_spec(spec)[0]
-            options: dict[str, Any] = {}
-            if kind == "openai":
-                options = {"max_connections": config.engine.max_concurrency}
-            elif kind == "openai-batch":
-                options = {
-                    "batch_dir": batch_dir,
-                    "max_requests": config.batch_max_requests,
-                    "max_bytes": config.batch_max_bytes,
-                    "poll_interval_s": config.batch_poll_interval_s,
-                    "file_only": config.batch_file_only,
-                }
-            backends[spec] = make_backend(
-                spec,
-                image_loader=store.get,
-                base_url=config.base_url,
-                timeout_s=config.engine.request_timeout_s,
-                **options,
-            )
-        return backends[spec]
+        options: dict[str, Any] = {}
+        kind = parse_spec(spec)[0]
+        if kind == "openai":
+            options = {"max_connections": config.engine.max_concurrency}
+        elif kind == "openai-batch":
+            options = {
+                "batch_dir": batch_dir,
+                "max_requests": config.batch_max_requests,
+                "max_bytes": config.batch_max_bytes,
+                "poll_interval_s": config.batch_poll_interval_s,
+                "file_only": config.batch_file_only,
+            }
+        return engine.backend(spec, image_loader=store.get, base_url=config.base_url, **options)
 
     records: list[dict[str, Any]] = []
     batch_files: list[str] = []
@@ -332,10 +321,11 @@ def generate(
                 batch_files.extend(e.paths)
     finally:
         cache.close()
-        for b in backends.values():
-            _close(b)
+        used = engine.backends
+        for b in used:
             for name, n in getattr(b, "counts", {}).items():
                 stats.batch[name] = stats.batch.get(name, 0) + n
+        engine.close()
     stats.engine = engine.report.to_dict()
     if engine.prices.unpriced:
         stats.engine["unpriced_models"] = sorted(engine.prices.unpriced)
@@ -345,7 +335,7 @@ def generate(
         stats.batch["batch_files"] = batch_files
     else:
         _write_outputs(config, records, stats, started, image_store=store_url)
-        _check_outcome(config, stats, engine, list(backends.values()))
+        _check_outcome(config, stats, engine, used)
     return stats
 
 
@@ -359,15 +349,6 @@ def _plan_total(plan: dict[str, dict]) -> dict[str, Any]:
             4,
         ),
     }
-
-
-def _close(backend: Any) -> None:
-    import asyncio
-
-    try:
-        asyncio.run(backend.aclose())
-    except Exception as e:  # noqa: BLE001 - closing must not hide the run's result
-        logger.debug("closing backend: %s", e)
 
 
 def _run_mode(

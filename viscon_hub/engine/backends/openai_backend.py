@@ -16,7 +16,14 @@ import os
 import time
 from typing import Any
 
-from viscon_hub.engine.backends.base import BackendError, ImageLoader, complete_each, openai_messages, require
+from viscon_hub.engine.backends.base import (
+    BackendError,
+    BaseBackend,
+    ImageLoader,
+    complete_each,
+    openai_messages,
+    require,
+)
 from viscon_hub.engine.request import Completion, Request
 from viscon_hub.engine.scoring import answer_tail, is_scoring, scores_reply, topk_kl
 from viscon_hub.errors import ConfigError
@@ -25,7 +32,7 @@ _PERMANENT_STATUS = {400, 413, 422}
 _FATAL_STATUS = {401, 403, 404}
 
 
-class OpenAIBackend:
+class OpenAIBackend(BaseBackend):
     name = "openai"
     max_batch = 1
 

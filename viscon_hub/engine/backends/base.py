@@ -6,8 +6,8 @@ called once per request with bounded concurrency; larger ``max_batch`` backends 
 whole batches. Which spec makes which backend lives in :mod:`viscon_hub.engine.backends.registry`,
 so this module imports no backend and no backend imports the registry.
 
->>> image_data_url(b"\x89PNG\r\n\x1a\n")[:22]
-'data:image/png;base64,'
+>>> image_data_url(bytes([0xFF, 0xD8, 0xFF, 0xE0]))
+'data:image/jpeg;base64,/9j/4A=='
 """
 
 from __future__ import annotations

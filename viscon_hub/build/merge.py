@@ -449,14 +449,10 @@ class Merger:
 
     # -- the first pass ----------------------------------------------------------------------------
     def _scan(self, test_fraction: float) -> None:
-        from viscon_hub.engine.prices import PriceTable
-
-        prices = PriceTable.load()
         self.splits = PageSplits(test_fraction)
         templates: set[str] = set()
-        usage: dict[str, dict[str, Any]] = {}
         # A reply shared by two records (the same request) is paid once.
-        seen: set[str] = set()
+        keys: set[str] = set()
         self.ok_records = dict.fromkeys(self.modes, 0)
         self.image_sample: list[str] = []
         cache = self.cache()
@@ -471,24 +467,9 @@ class Merger:
                     self.ok_records[r["context_mode"]] += 1
                     if len(self.image_sample) < 256 and r.get("image_sha256"):
                         self.image_sample.append(r["image_sha256"])
-                for name in GENERATION_KEY_COLUMNS:
-                    key = r.get(name)
-                    c = cache.get(key) if key and key not in seen else None
-                    if c is None:
-                        continue
-                    seen.add(key)  # only keys the cache holds: never more than the cache itself
-                    u = usage.setdefault(
-                        c.model or "unknown",
-                        {"replies": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0},
-                    )
-                    u["replies"] += 1
-                    u["prompt_tokens"] += c.prompt_tokens
-                    u["completion_tokens"] += c.completion_tokens
-                    u["cost_usd"] += prices.cost(c.model, c.prompt_tokens, c.completion_tokens)
-        del seen
-        for u in usage.values():
-            u["cost_usd"] = round(u["cost_usd"], 6)
-        self.usage = dict(sorted(usage.items()))
+                keys.update(k for k in (r.get(name) for name in GENERATION_KEY_COLUMNS) if k)
+        self.usage = cache.usage(keys).to_dict()
+        del keys
         self.templates = sorted(templates)
         self.pages = self.splits.finish()
 

@@ -518,16 +518,12 @@ def _plots(root: Path) -> dict[str, str]:
 def _build_cost(usage: dict[str, Any], provenance: dict[str, Any]) -> dict[str, Any]:
     """What generating the published rows cost: the usage tokens at the rates of the backends used
     (Batch API rates for models the build called through ``openai-batch``)."""
-    from viscon_hub.engine.prices import PriceTable
+    from viscon_hub.engine.prices import Usage, batch_models
 
-    specs = [provenance.get("caption_model"), provenance.get("qa_model")]
-    batch = {s.split(":", 1)[1] for s in specs if isinstance(s, str) and s.startswith("openai-batch:")}
-    prices = PriceTable.load()
-    total = sum(
-        prices.cost(m, u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0, batch=m in batch)
-        for m, u in usage["by_model"].items()
-    )
-    return {"usd": round(total, 4), "batch_models": sorted(batch)}
+    bill = Usage(batch_models=batch_models([provenance.get("caption_model"), provenance.get("qa_model")]))
+    for m, u in usage["by_model"].items():
+        bill.add(m, u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0)
+    return {"usd": round(bill.cost_usd, 4), "batch_models": sorted(bill.batch_models)}
 
 
 def _usage_rows(usage: dict[str, Any]) -> list[dict[str, Any]]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import threading
 import time
 from collections import deque
@@ -32,6 +31,7 @@ from viscon_hub.engine.cache import GenerationCache
 from viscon_hub.engine.prices import PriceTable
 from viscon_hub.engine.request import Completion, Request
 from viscon_hub.errors import ConfigError, EndpointError, redact
+from viscon_hub.retry import Backoff
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -222,7 +222,15 @@ class Engine:
         self.config = config or EngineConfig()
         self.prices = prices or PriceTable.load()
         self.report = RunReport()
-        self._rng = random.Random(self.config.jitter_seed)
+        self.backoff = Backoff(
+            base_s=self.config.backoff_base_s,
+            max_s=self.config.backoff_max_s,
+            max_attempts=self.config.max_attempts,
+            # The server said when; a little jitter keeps a crowd of waiters from returning at once.
+            retry_after_max_s=self.config.retry_after_max_s,
+            retry_after_jitter_s=0.05,
+            seed=self.config.jitter_seed,
+        )
         self._outcomes: deque[bool] = deque(maxlen=self.config.error_window)  # True: the attempt failed
         self.last_error: str | None = None
         self._backends: dict[str, Backend] = {}
@@ -449,13 +457,6 @@ class Engine:
                 "Check the server and --base-url, or raise --max-error-rate"
             )
 
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            # The server said when; a little jitter keeps a crowd of waiters from returning at once.
-            return min(retry_after, self.config.retry_after_max_s) + self._rng.uniform(0, 0.05)
-        ceiling = min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** (attempt - 1))
-        return ceiling * (0.5 + self._rng.random() / 2)
-
     def _finish(
         self, r: Request, c: Completion, attempts: int, report: RunReport, batch_prices: bool = False
     ) -> Completion:
@@ -522,12 +523,11 @@ class Engine:
                 c = await backend.complete(r)
             except BackendError as e:
                 self._observe(e, backend)
-                if e.kind == "permanent" or attempt >= self.config.max_attempts:
+                if e.kind == "permanent" or not self.backoff.retry(attempt):
                     return self._finish(r, self._failure(r, e), attempt, report, batch_prices)
                 report.retries += 1
-                delay = self._delay(attempt, e.retry_after)
-                logger.debug("retrying %s in %.2fs after: %s", r.key[:12], delay, e)
-                await asyncio.sleep(delay)
+                delay = await self.backoff.asleep(attempt, e.retry_after)
+                logger.debug("retried %s after %.2fs: %s", r.key[:12], delay, e)
                 continue
             self._observe(None, backend)
             return self._finish(r, c, attempt, report, batch_prices)
@@ -547,7 +547,7 @@ class Engine:
             for r, out in zip(pending, outcomes, strict=True):
                 self._observe(out if isinstance(out, BackendError) else None, backend)
                 if isinstance(out, BackendError):
-                    if out.kind == "permanent" or attempt >= self.config.max_attempts:
+                    if out.kind == "permanent" or not self.backoff.retry(attempt):
                         done[r.key] = self._finish(r, self._failure(r, out), attempt, report, batch_prices)
                     else:
                         retry.append(r)
@@ -555,6 +555,6 @@ class Engine:
                     done[r.key] = self._finish(r, out, attempt, report, batch_prices)
             if retry:
                 report.retries += len(retry)
-                await asyncio.sleep(self._delay(attempt, None))
+                await self.backoff.asleep(attempt)
             pending = retry
         return [done[r.key] for r in batch]

@@ -42,7 +42,7 @@ from viscon_hub.build.dedup import DedupConfig, dedup_questions
 from viscon_hub.build.layout import DEFAULT_TEST_FRACTION, MIXES, config_mix, config_mode
 from viscon_hub.build.quality import MultipleChoiceQuality, repair_multiple_choice
 from viscon_hub.errors import ConfigError
-from viscon_hub.generate.relevance import RelevanceConfig, attach_scores, read_scores
+from viscon_hub.generate.relevance import RelevanceConfig, attach_scores, generation_records, read_scores
 from viscon_hub.prepare.filters import drop_toxic_records
 from viscon_hub.records import (
     GENERATION_COLUMNS,
@@ -289,19 +289,6 @@ def _provenance(record: dict[str, Any]) -> str:
 
 
 READ_BATCH = 2048  # records per batch: the unit of reading, dedup and row making
-
-
-def generation_records(generations: str) -> tuple[Path, dict[str, Any]]:
-    """The records file and the stats of a ``viscon generate`` folder."""
-    root = Path(generations)
-    path = root / "generations" / "records.parquet"
-    if not path.is_file():
-        raise ConfigError(
-            f"{generations!r} holds no generations/records.parquet: run `viscon generate` first"
-        )
-    stats_path = root / "stats.json"
-    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
-    return path, stats
 
 
 def iter_record_batches(

@@ -153,6 +153,19 @@ class RunReport:
         return d
 
 
+def _unanswered(r: Request, error: str) -> Completion:
+    """The completion of a request never sent (offline miss, budget stop): not cached, never retried."""
+    return Completion(
+        key=r.key,
+        error=error,
+        model=r.model,
+        stage=r.stage,
+        template_id=r.template_id,
+        template_version=r.template_version,
+        attempts=0,
+    )
+
+
 def _plausible(tokens: object) -> bool:
     return isinstance(tokens, int) and not isinstance(tokens, bool) and 0 <= tokens <= MAX_USAGE_TOKENS
 
@@ -337,15 +350,7 @@ class Engine:
                 misses.append(r)
         if misses and (self.config.offline or backend is None):
             for r in misses:
-                results[r.key] = Completion(
-                    key=r.key,
-                    error=OFFLINE_MISS,
-                    model=r.model,
-                    stage=r.stage,
-                    template_id=r.template_id,
-                    template_version=r.template_version,
-                    attempts=0,
-                )
+                results[r.key] = _unanswered(r, OFFLINE_MISS)
             report.offline_misses += len(misses)
             misses = []
         if misses and backend is not None:
@@ -391,15 +396,7 @@ class Engine:
                 )
                 if self.report.cost_usd + report.cost_usd + reserved[0] + held + worst > budget:
                     report.budget_stops += 1
-                    results[r.key] = Completion(
-                        key=r.key,
-                        error=BUDGET_STOP,
-                        model=r.model,
-                        stage=r.stage,
-                        template_id=r.template_id,
-                        template_version=r.template_version,
-                        attempts=0,
-                    )
+                    results[r.key] = _unanswered(r, BUDGET_STOP)
                 else:
                     allowed.append(r)
                     held += worst

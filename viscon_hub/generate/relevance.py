@@ -22,6 +22,7 @@ attaches them to the per-image rows and drops Q&A rounds under ``--min-relevance
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -144,6 +145,19 @@ class RelevanceReport:
         }
 
 
+def generation_records(generations: str) -> tuple[Path, dict[str, Any]]:
+    """The records file and the stats of a ``viscon generate`` folder."""
+    root = Path(generations)
+    path = root / "generations" / "records.parquet"
+    if not path.is_file():
+        raise ConfigError(
+            f"{generations!r} holds no generations/records.parquet: run `viscon generate` first"
+        )
+    stats_path = root / "stats.json"
+    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+    return path, stats
+
+
 def score_records(
     records: list[dict[str, Any]], *, config: RelevanceConfig, engine: Engine, backend: Any
 ) -> tuple[list[dict[str, Any]], RelevanceReport]:
@@ -196,18 +210,11 @@ def score_generations(
     image_store: str | None = None,
 ) -> RelevanceReport:
     """Score every round of ``GENERATIONS/generations/records.parquet``; write ``generations/relevance.parquet``."""
-    import json
 
     from viscon_hub.prepare.images import ImageStore
 
     root = Path(generations)
-    path = root / "generations" / "records.parquet"
-    if not path.is_file():
-        raise ConfigError(
-            f"{generations!r} holds no generations/records.parquet: run `viscon generate` first"
-        )
-    stats_path = root / "stats.json"
-    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+    path, stats = generation_records(generations)
     store = ImageStore(image_store or stats.get("image_store") or f"{generations}/images")
     columns = ["id", "context_mode", "status", "image_sha256", "caption", "qa_freeform", "qa_multiple_choice"]
     records = pq.read_table(path, columns=columns).to_pylist()

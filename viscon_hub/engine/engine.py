@@ -174,10 +174,9 @@ def endpoint_of(backend: Backend | None) -> str:
     """Where a backend sends its calls, for messages: the base URL, or ``backend:model``."""
     if backend is None:
         return "the cache"
-    url = getattr(backend, "base_url", None)
-    if getattr(backend, "name", None) == "openai":
-        return redact(url or "https://api.openai.com/v1")
-    return f"{getattr(backend, 'name', 'backend')}:{getattr(backend, 'model', '?')}"
+    if backend.name == "openai":
+        return redact(getattr(backend, "base_url", None) or "https://api.openai.com/v1")
+    return f"{backend.name}:{backend.model}"
 
 
 def _run_sync(coroutine_function: Callable[[], Awaitable[T]]) -> T:

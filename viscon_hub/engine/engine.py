@@ -485,7 +485,10 @@ class Engine:
 
     def _failure(self, r: Request, e: BackendError) -> Completion:
         return Completion(
-            key=r.key, error=str(e), error_kind="permanent" if e.kind == "permanent" else "transient"
+            # Stored in the cache: whatever a backend or server echoed, no credential goes with it.
+            key=r.key,
+            error=redact(e, limit=None),
+            error_kind="permanent" if e.kind == "permanent" else "transient",
         )
 
     async def _call_one(

@@ -585,7 +585,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cache_alias(url: str) -> str:
     """``bundled`` names the handwritten cache shipped for the bundled sample."""
     if url == "bundled":
-        from viscon_hub.generate.handwritten import BUNDLED_CACHE
+        from viscon_hub.resources import BUNDLED_CACHE
 
         return str(BUNDLED_CACHE)
     return url

@@ -248,17 +248,3 @@ GENERATION_PAGE_COLUMNS = (
     "row",
 )
 GENERATION_COLUMNS = tuple(GENERATION_SCHEMA.names)
-
-
-def _check_generation_schema() -> None:
-    # The dataclass and the schema name the same fields (image_bytes aside): one definition each.
-    import dataclasses
-
-    fields = [f.name for f in dataclasses.fields(Generation) if f.name != "image_bytes"]
-    if sorted(fields) != sorted(GENERATION_COLUMNS):
-        raise AssertionError(
-            f"Generation fields and GENERATION_SCHEMA differ: {fields} vs {GENERATION_COLUMNS}"
-        )
-
-
-_check_generation_schema()

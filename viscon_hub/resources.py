@@ -11,6 +11,12 @@ from typing import Any
 _PACKAGE = Path(__file__).parent
 PACKAGE_DATA = _PACKAGE / "data"
 """The package's own data: the bundled sample, cache, tokenizer and handwritten replies."""
+HANDWRITTEN = PACKAGE_DATA / "handwritten" / "sample_generations.jsonl"
+"""Handwritten stand-ins for model output on the bundled sample (``scripts/build_bundled_cache.py`` reads it)."""
+BUNDLED_CACHE = PACKAGE_DATA / "cache"
+"""The generation cache built from :data:`HANDWRITTEN`, which the offline quickstart reads."""
+HANDWRITTEN_MODEL = "handwritten-example"
+"""The model name of the bundled cache's entries: never a real model's name."""
 
 
 def configs_dir() -> Path | None:

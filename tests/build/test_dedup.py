@@ -17,7 +17,7 @@ from viscon_hub.build.dedup import (
 from viscon_hub.engine import GenerationCache
 from viscon_hub.engine.backends.embed_backend import embed_request, encode_embedding
 from viscon_hub.errors import ConfigError
-from viscon_hub.generate.handwritten import HANDWRITTEN
+from viscon_hub.resources import HANDWRITTEN
 
 FF, MC = "freeform", "multiple_choice"
 MINILM = "bundled:all-MiniLM-L6-v2"
@@ -224,12 +224,12 @@ def test_second_run_answers_from_the_cache(minilm, monkeypatch, tmp_path):
     first = dedup_questions([ESPRESSO] * 3, config=minilm, cache=GenerationCache(tmp_path))
     assert first.engine["calls"] == 8
 
-    import viscon_hub.build.dedup as dedup_module
+    import viscon_hub.engine.backends.embed_backend as embed_module
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a fully cached run must not load a model")
 
-    monkeypatch.setattr(dedup_module, "_loaded", no_loading)
+    monkeypatch.setattr(embed_module, "_load_model", no_loading)
     again = dedup_questions([ESPRESSO] * 3, config=minilm, cache=GenerationCache(tmp_path))
     assert again.engine["calls"] == 0 and again.engine["cache_hits"] == 8
     assert again.keep == first.keep and again.model == MINILM

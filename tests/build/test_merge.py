@@ -167,3 +167,10 @@ def test_style_file_errors_are_config_errors(tmp_path):
         ConversationStyle.load(str(bad))
     with pytest.raises(ConfigError, match="cannot read"):
         ConversationStyle.load(str(tmp_path / "missing.yaml"))
+
+
+def test_mix_columns_and_generation_page_columns_are_disjoint():
+    from viscon_hub.build.merge import MIX_COLUMNS
+    from viscon_hub.records import GENERATION_PAGE_COLUMNS
+
+    assert not set(MIX_COLUMNS) & set(GENERATION_PAGE_COLUMNS)

@@ -132,3 +132,17 @@ def test_request_key_ignores_image_location_and_tracks_content():
             messages=[{"role": "user", "content": [{"type": "image", "url": "http://x"}]}],
             sampling={},
         )
+
+
+def test_usage_counts_each_stored_reply_once_at_the_rates_used(tmp_path):
+    from viscon_hub.engine.prices import PriceTable
+
+    cache = GenerationCache(tmp_path)
+    cache.put(Completion(key="a", reply="x", model="m", prompt_tokens=1_000_000, completion_tokens=0))
+    cache.put(Completion(key="b", reply="y", model="m", prompt_tokens=0, completion_tokens=500_000))
+    prices = PriceTable({"m": (1.0, 2.0)}, batch={"m": (0.5, 1.0)})
+    usage = cache.usage(["a", "a", "b", "missing", ""], prices=prices)
+    assert usage.to_dict() == {
+        "m": {"replies": 2, "prompt_tokens": 1_000_000, "completion_tokens": 500_000, "cost_usd": 2.0}
+    }
+    assert cache.usage(["a", "b"], prices=prices, batch_models={"m"}).cost_usd == 1.0

@@ -49,14 +49,15 @@ def backend():
 
 @pytest.fixture
 def encode_calls(backend, monkeypatch):
+    # Patched on the class: the loaded model is shared by the process (the backend's model cache).
     calls = []
-    real = backend.st.encode
+    real = type(backend.st).encode
 
-    def counting(texts, **kwargs):
+    def counting(self, texts, **kwargs):
         calls.append(list(texts))
-        return real(texts, **kwargs)
+        return real(self, texts, **kwargs)
 
-    monkeypatch.setattr(backend.st, "encode", counting)
+    monkeypatch.setattr(type(backend.st), "encode", counting)
     return calls
 
 
@@ -158,3 +159,14 @@ def test_hub_offline_restores_the_environment(monkeypatch):
     with hub_offline():
         assert os.environ["HF_HUB_OFFLINE"] == "1" and hub_constants.HF_HUB_OFFLINE is True
     assert "HF_HUB_OFFLINE" not in os.environ and hub_constants.HF_HUB_OFFLINE is False
+
+
+def test_a_second_backend_reuses_the_loaded_model(backend):
+    again = make_backend(
+        f"sentence-transformers:{MODEL}",
+        image_loader=no_images,
+        device="cpu",
+        max_batch=8,
+        local_files_only=True,
+    )
+    assert again.max_batch == 8 and again.st is backend.st

@@ -163,3 +163,37 @@ def test_bad_specs():
     for bad in ("gpt-4o", "foo:bar", "openai:", ""):
         with pytest.raises(ConfigError):
             parse_spec(bad)
+
+
+def test_the_engine_makes_pools_and_closes_its_backends(tmp_path):
+    engine = Engine(cache=GenerationCache(tmp_path), config=EngineConfig(request_timeout_s=7.0))
+    options = {"image_loader": lambda s: b"", "base_url": "http://127.0.0.1:9/v1", "api_key": "sk-x"}
+    first = engine.backend("openai:viscon-test-llm", **options)
+    assert engine.backend("openai:viscon-test-llm", **options) is first
+    assert first.max_batch == 1 and first.price_tier == "standard" and first.timeout_s == 7.0
+    other = engine.backend("openai-batch:viscon-test-llm", batch_dir=str(tmp_path / "b"), **options)
+    assert other.price_tier == "batch" and engine.backends == [first, other]
+    with engine:
+        pass
+    assert engine.backends == []
+    offline = Engine(cache=GenerationCache(tmp_path / "o"), config=EngineConfig(offline=True))
+    assert offline.backend("openai:viscon-test-llm", **options) is None and offline.backends == []
+
+
+def test_a_credential_echoed_in_an_error_never_reaches_the_cache(tmp_path):
+    from viscon_hub.engine.backends.base import BackendError, BaseBackend
+
+    class Echoing(BaseBackend):
+        name, model = "openai", "viscon-test-llm"
+
+        async def complete(self, request):
+            raise BackendError(
+                "HTTP 400: bad request from https://bob:hunter22@host/v1 key sk-abcdefghijklmn",
+                kind="permanent",
+                status=400,
+            )
+
+    out = engine_for(tmp_path).run([req(0)], backend=Echoing())
+    stored = GenerationCache(tmp_path / "cache").get(out[0].key)
+    for text in (out[0].error, stored.error):
+        assert "HTTP 400" in text and "hunter22" not in text and "sk-abcdefghijklmn" not in text

@@ -115,7 +115,7 @@ def test_push_with_idefics_and_llava_exports(hub_server, dataset):
 
 def test_cache_round_trip_rebuilds_with_zero_calls(hub_server, quickstart_build, tmp_path, monkeypatch):
     from viscon_hub.build.driver import BuildConfig, build
-    from viscon_hub.generate.handwritten import BUNDLED_CACHE
+    from viscon_hub.resources import BUNDLED_CACHE
 
     # A cache that holds real entries: the generations of the quickstart, as a team would have made them.
     made = tmp_path / "made-cache"
@@ -182,7 +182,7 @@ def test_bad_repo_and_incomplete_dataset(hub_server, tmp_path):
 
 
 def test_cache_cli(hub_server, tmp_path, capsys):
-    from viscon_hub.generate.handwritten import BUNDLED_CACHE
+    from viscon_hub.resources import BUNDLED_CACHE
 
     cache = tmp_path / "cache"
     shutil.copytree(BUNDLED_CACHE, cache)

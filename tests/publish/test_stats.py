@@ -467,12 +467,6 @@ def test_deterministic_sorted_and_rounded(folder):
     assert text == json.dumps(json.loads(Path(path).read_text()), sort_keys=True)
 
 
-def test_handwritten_constant_matches_the_generator():
-    from viscon_hub.generate.handwritten import MODEL
-
-    assert S.HANDWRITTEN_MODEL == MODEL
-
-
 def test_handwritten_flag(tmp_path):
     stats = compute_stats(known_folder(tmp_path / "hw", model="openai:handwritten-example"))
     assert stats["provenance"]["handwritten_example"] is True

@@ -15,7 +15,6 @@ rebuild embeds nothing twice.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
@@ -25,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from viscon_hub.engine import Engine, EngineConfig, GenerationCache, RunReport, make_backend
+from viscon_hub.engine import Engine, EngineConfig, GenerationCache, RunReport
 from viscon_hub.engine.backends import Backend
 from viscon_hub.engine.backends.embed_backend import decode_embedding, embed_request
 from viscon_hub.errors import ConfigError, MissingDependencyError
@@ -287,21 +286,6 @@ def _no_images(sha256: str) -> bytes:
     raise KeyError(sha256)
 
 
-@functools.lru_cache(maxsize=2)
-def _loaded(model: str, device: str | None, max_batch: int, offline: bool) -> Backend:
-    # Kept loaded: a build dedups once per context mode, with the same model each time.
-    return make_backend(
-        f"sentence-transformers:{model}",
-        image_loader=_no_images,
-        device=device,
-        max_batch=max_batch,
-        local_files_only=offline,
-    )
-
-
-_LOAD_FAILURES: dict[tuple[str, str | None, bool], Exception] = {}
-
-
 def _cached_requests(texts: list[str], model: str, cache: GenerationCache) -> list | None:
     """The requests for ``texts`` when the cache answers every one, else None (stops at a miss)."""
     requests = []
@@ -320,7 +304,7 @@ def _reason(model: str, error: BaseException) -> str:
 
 
 def _choose_model(
-    texts: list[str], *, config: DedupConfig, cache: GenerationCache, offline: bool, cache_only: bool
+    texts: list[str], *, config: DedupConfig, engine: Engine, offline: bool, cache_only: bool
 ) -> tuple[str, Backend | None, list | None, list[str]]:
     """(model, backend or None, its requests when all cached, reasons the models before it failed).
 
@@ -333,24 +317,23 @@ def _choose_model(
     reasons: list[str] = []
     missing_dependency: BaseException | None = None
     for model in candidates:
-        cached = _cached_requests(texts, model, cache)
+        cached = _cached_requests(texts, model, engine.cache)
         if cached is not None:
             return model, None, cached, reasons
         if cache_only:
             reasons.append(f"{model}: embeddings not in the cache")
             continue
-        attempt = (model, config.device, offline)
-        failed = _LOAD_FAILURES.get(attempt)
         try:
-            if failed is not None:
-                raise failed
-            backend = _loaded(model, config.device, config.batch_size, offline)
+            # The backend keeps loaded models (and online load failures) for the process.
+            backend = engine.backend(
+                f"sentence-transformers:{model}",
+                image_loader=_no_images,
+                device=config.device,
+                max_batch=config.batch_size,
+                local_files_only=offline,
+            )
         except Exception as e:  # noqa: BLE001 - whatever stops a model from loading means "try the next"
             logger.info("question dedup: cannot load %s (%s)", model, e)
-            if not offline:
-                # Remembered for the process: an online attempt without a network takes a minute or
-                # more (retries), and a build asks once per context mode. Offline failures are quick.
-                _LOAD_FAILURES[attempt] = e
             reasons.append(_reason(model, e))
             if isinstance(e, MissingDependencyError):
                 missing_dependency = e
@@ -445,20 +428,21 @@ def dedup_questions(
     )
     if not texts:
         return result
-    model, backend, requests, reasons = _choose_model(
-        texts, config=config, cache=cache, offline=offline, cache_only=cache_only
-    )
-    if model != config.model:
-        result.model, result.fell_back, result.fallback_reason = model, True, reasons[0]
-        logger.warning("question dedup: using %s instead of %s (%s)", model, config.model, reasons[0])
-    if requests is None:
-        requests = [embed_request(t, model=model) for t in texts]
     engine = Engine(
         cache=cache,
         # A local model: a failure is a bug or memory, not a rate limit; retry briefly, then report.
         config=EngineConfig(offline=cache_only, max_attempts=3, backoff_base_s=0.5, backoff_max_s=5.0),
     )
-    completions = engine.run(requests, backend=backend)
+    with engine:
+        model, backend, requests, reasons = _choose_model(
+            texts, config=config, engine=engine, offline=offline, cache_only=cache_only
+        )
+        if model != config.model:
+            result.model, result.fell_back, result.fallback_reason = model, True, reasons[0]
+            logger.warning("question dedup: using %s instead of %s (%s)", model, config.model, reasons[0])
+        if requests is None:
+            requests = [embed_request(t, model=model) for t in texts]
+        completions = engine.run(requests, backend=backend)
     result.engine = engine.last_report.to_dict()
     vectors, result.embedding_errors = _vectors(completions, len(texts))
     if result.embedding_errors:

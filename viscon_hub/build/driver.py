@@ -89,7 +89,7 @@ class BuildConfig:
         object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
         quickstart = self.source is None and self.caption_model is None and self.qa_model is None
         if quickstart:
-            from viscon_hub.generate.handwritten import BUNDLED_CACHE
+            from viscon_hub.resources import BUNDLED_CACHE
 
             object.__setattr__(self, "caption_model", QUICKSTART_MODEL)
             object.__setattr__(self, "qa_model", QUICKSTART_MODEL)

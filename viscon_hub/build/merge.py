@@ -43,11 +43,11 @@ from viscon_hub.build.layout import DEFAULT_TEST_FRACTION, MIXES, config_mix, co
 from viscon_hub.build.quality import MultipleChoiceQuality, repair_multiple_choice
 from viscon_hub.errors import ConfigError
 from viscon_hub.generate.relevance import RelevanceConfig, attach_scores, read_scores
+from viscon_hub.generate.stages import generation_records
 from viscon_hub.prepare.filters import drop_toxic_records
 from viscon_hub.records import (
     GENERATION_COLUMNS,
     GENERATION_KEY_COLUMNS,
-    GENERATION_PAGE_COLUMNS,
     GENERATION_TEMPLATE_COLUMNS,
 )
 from viscon_hub.resources import PACKAGE_DATA, config_path
@@ -222,7 +222,6 @@ MIX_COLUMNS = tuple(
         "image_format",
     }
 )
-assert not set(MIX_COLUMNS) & set(GENERATION_PAGE_COLUMNS)
 # What the first pass reads: pages for the splits, templates and cache keys for the card and costs.
 SCAN_COLUMNS = tuple(
     c
@@ -291,17 +290,6 @@ def _provenance(record: dict[str, Any]) -> str:
 
 
 READ_BATCH = 2048  # records per batch: the unit of reading, dedup and row making
-
-
-def generation_records(generations: str) -> tuple[list[str], dict[str, Any]]:
-    """The records files (one, or every ``--num-shards`` part in shard order) and the stats of a
-    ``viscon generate`` folder."""
-    from viscon_hub.generate.stages import generation_parts
-
-    paths = generation_parts(generations)
-    stats_path = Path(generations) / "stats.json"
-    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
-    return paths, stats
 
 
 def iter_record_batches(
@@ -485,14 +473,10 @@ class Merger:
 
     # -- the first pass ----------------------------------------------------------------------------
     def _scan(self, test_fraction: float) -> None:
-        from viscon_hub.engine.prices import PriceTable
-
-        prices = PriceTable.load()
         self.splits = PageSplits(test_fraction)
         templates: set[str] = set()
-        usage: dict[str, dict[str, Any]] = {}
         # A reply shared by two records (the same request) is paid once.
-        seen: set[str] = set()
+        keys: set[str] = set()
         self.ok_records = dict.fromkeys(self.modes, 0)
         self.image_sample: list[str] = []
         cache = self.cache()
@@ -507,24 +491,9 @@ class Merger:
                     self.ok_records[r["context_mode"]] += 1
                     if len(self.image_sample) < 256 and r.get("image_sha256"):
                         self.image_sample.append(r["image_sha256"])
-                for name in GENERATION_KEY_COLUMNS:
-                    key = r.get(name)
-                    c = cache.get(key) if key and key not in seen else None
-                    if c is None:
-                        continue
-                    seen.add(key)  # only keys the cache holds: never more than the cache itself
-                    u = usage.setdefault(
-                        c.model or "unknown",
-                        {"replies": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0},
-                    )
-                    u["replies"] += 1
-                    u["prompt_tokens"] += c.prompt_tokens
-                    u["completion_tokens"] += c.completion_tokens
-                    u["cost_usd"] += prices.cost(c.model, c.prompt_tokens, c.completion_tokens)
-        del seen
-        for u in usage.values():
-            u["cost_usd"] = round(u["cost_usd"], 6)
-        self.usage = dict(sorted(usage.items()))
+                keys.update(k for k in (r.get(name) for name in GENERATION_KEY_COLUMNS) if k)
+        self.usage = cache.usage(keys).to_dict()
+        del keys
         self.templates = sorted(templates)
         self.pages = self.splits.finish()
 

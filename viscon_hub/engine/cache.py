@@ -39,6 +39,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from viscon_hub.engine.prices import PriceTable, Usage
 from viscon_hub.engine.request import Completion
 from viscon_hub.fsutil import is_local
 
@@ -153,6 +154,17 @@ class GenerationCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def usage(
+        self, keys: Iterable[str], *, prices: PriceTable | None = None, batch_models: Iterable[str] = ()
+    ) -> Usage:
+        """What the replies under ``keys`` cost, per model; each key counted once, missing keys skipped."""
+        usage = Usage(prices, batch_models=batch_models)
+        for key in dict.fromkeys(keys):
+            c = self.get(key) if key else None
+            if c is not None:
+                usage.add(c.model or "unknown", c.prompt_tokens, c.completion_tokens)
+        return usage
 
     def __iter__(self) -> Iterator[Completion]:
         return iter(self._entries.values())
@@ -325,8 +337,9 @@ class GenerationCache:
         self._journal.flush()
 
     def _close_journal(self, *, delete: bool) -> None:
-        assert self._journal is not None and self._journal_path is not None
-        if delete:
+        if self._journal is None:
+            return
+        if delete and self._journal_path is not None:
             self._journal_path.unlink(missing_ok=True)
         self._journal.close()
         self._journal = None

@@ -18,20 +18,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
 
-from viscon_hub.engine.backends.base import Backend, BackendError
+from viscon_hub.engine.backends.base import Backend, BackendError, ImageLoader
+from viscon_hub.engine.backends.registry import make_backend
 from viscon_hub.engine.cache import GenerationCache
 from viscon_hub.engine.prices import PriceTable
 from viscon_hub.engine.request import Completion, Request
 from viscon_hub.errors import ConfigError, EndpointError, redact
+from viscon_hub.retry import Backoff
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 OFFLINE_MISS = "offline: not in cache"
 BUDGET_STOP = "budget: --max-cost reached"
@@ -150,6 +153,19 @@ class RunReport:
         return d
 
 
+def _unanswered(r: Request, error: str) -> Completion:
+    """The completion of a request never sent (offline miss, budget stop): not cached, never retried."""
+    return Completion(
+        key=r.key,
+        error=error,
+        model=r.model,
+        stage=r.stage,
+        template_id=r.template_id,
+        template_version=r.template_version,
+        attempts=0,
+    )
+
+
 def _plausible(tokens: object) -> bool:
     return isinstance(tokens, int) and not isinstance(tokens, bool) and 0 <= tokens <= MAX_USAGE_TOKENS
 
@@ -158,10 +174,31 @@ def endpoint_of(backend: Backend | None) -> str:
     """Where a backend sends its calls, for messages: the base URL, or ``backend:model``."""
     if backend is None:
         return "the cache"
-    url = getattr(backend, "base_url", None)
-    if getattr(backend, "name", None) == "openai":
-        return redact(url or "https://api.openai.com/v1")
-    return f"{getattr(backend, 'name', 'backend')}:{getattr(backend, 'model', '?')}"
+    if backend.name == "openai":
+        return redact(getattr(backend, "base_url", None) or "https://api.openai.com/v1")
+    return f"{backend.name}:{backend.model}"
+
+
+def _run_sync(coroutine_function: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine to its end from sync code, in a worker thread when a loop already runs here."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine_function())
+    box: list = []
+
+    def in_thread() -> None:
+        try:
+            box.append(asyncio.run(coroutine_function()))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread below
+            box.append(e)
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    thread.join()
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
 
 
 class _TokenBucket:
@@ -197,9 +234,60 @@ class Engine:
         self.config = config or EngineConfig()
         self.prices = prices or PriceTable.load()
         self.report = RunReport()
-        self._rng = random.Random(self.config.jitter_seed)
+        self.backoff = Backoff(
+            base_s=self.config.backoff_base_s,
+            max_s=self.config.backoff_max_s,
+            max_attempts=self.config.max_attempts,
+            # The server said when; a little jitter keeps a crowd of waiters from returning at once.
+            retry_after_max_s=self.config.retry_after_max_s,
+            retry_after_jitter_s=0.05,
+            seed=self.config.jitter_seed,
+        )
         self._outcomes: deque[bool] = deque(maxlen=self.config.error_window)  # True: the attempt failed
         self.last_error: str | None = None
+        self._backends: dict[str, Backend] = {}
+
+    # -- clients -------------------------------------------------------------------------------
+    def backend(
+        self,
+        spec: str,
+        *,
+        image_loader: ImageLoader,
+        make: Callable[..., Backend] | None = None,
+        **options: Any,
+    ) -> Backend | None:
+        """The backend ``spec`` names, made on first use and kept until :meth:`close`; None offline.
+
+        One engine holds one client per spec, so stages that share a model share its connection
+        pool (or its loaded weights); ``options`` of a later call for the same spec are ignored.
+        """
+        if self.config.offline:
+            return None
+        if spec not in self._backends:
+            self._backends[spec] = (make or make_backend)(
+                spec, image_loader=image_loader, timeout_s=self.config.request_timeout_s, **options
+            )
+        return self._backends[spec]
+
+    @property
+    def backends(self) -> list[Backend]:
+        """The backends this engine made and has not closed yet."""
+        return list(self._backends.values())
+
+    def close(self) -> None:
+        """Close every backend this engine made; a failure to close is logged, never raised."""
+        backends, self._backends = list(self._backends.values()), {}
+        for backend in backends:
+            try:
+                _run_sync(backend.aclose)
+            except Exception as e:  # noqa: BLE001 - closing must not hide the run's result
+                logger.debug("closing %s: %s", endpoint_of(backend), redact(e))
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- planning ------------------------------------------------------------------------------
     def plan(self, requests: Sequence[Request], *, batch_prices: bool = False) -> dict:
@@ -237,28 +325,10 @@ class Engine:
                 return await self.arun(requests, backend=backend, progress=progress)
             finally:
                 # Clients bound to this event loop (aiohttp sessions) must close before it does.
-                end = getattr(backend, "end_loop", None)
-                if end is not None:
-                    await end()
+                if backend is not None:
+                    await backend.end_loop()
 
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(once())
-        box: list = []
-
-        def in_thread() -> None:
-            try:
-                box.append(asyncio.run(once()))
-            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread below
-                box.append(e)
-
-        thread = threading.Thread(target=in_thread)
-        thread.start()
-        thread.join()
-        if isinstance(box[0], BaseException):
-            raise box[0]
-        return box[0]
+        return _run_sync(once)
 
     async def arun(
         self,
@@ -286,19 +356,10 @@ class Engine:
                 misses.append(r)
         if misses and (self.config.offline or backend is None):
             for r in misses:
-                results[r.key] = Completion(
-                    key=r.key,
-                    error=OFFLINE_MISS,
-                    model=r.model,
-                    stage=r.stage,
-                    template_id=r.template_id,
-                    template_version=r.template_version,
-                    attempts=0,
-                )
+                results[r.key] = _unanswered(r, OFFLINE_MISS)
             report.offline_misses += len(misses)
             misses = []
-        if misses:
-            assert backend is not None
+        if misses and backend is not None:
             await self._call_all(misses, backend, results, report, progress)
         report.elapsed_s = time.perf_counter() - started
         self.report.merge(report)
@@ -313,7 +374,7 @@ class Engine:
         report: RunReport,
         progress: Callable[[RunReport], None] | None,
     ) -> None:
-        batch_prices = getattr(backend, "price_tier", None) == "batch"
+        batch_prices = backend.price_tier == "batch"
         # A provider's batch API has its own limits, counted by the provider, not per request here.
         limits = not batch_prices
         rpm = (
@@ -324,7 +385,7 @@ class Engine:
         tpm = (
             _TokenBucket(self.config.tokens_per_minute) if limits and self.config.tokens_per_minute else None
         )
-        batch_size = max(1, int(getattr(backend, "max_batch", 1)))
+        batch_size = max(1, int(backend.max_batch))
         queue: list[list[Request]] = [misses[i : i + batch_size] for i in range(0, len(misses), batch_size)]
         queue.reverse()
         workers = 1 if batch_size > 1 else min(self.config.max_concurrency, len(queue))
@@ -341,15 +402,7 @@ class Engine:
                 )
                 if self.report.cost_usd + report.cost_usd + reserved[0] + held + worst > budget:
                     report.budget_stops += 1
-                    results[r.key] = Completion(
-                        key=r.key,
-                        error=BUDGET_STOP,
-                        model=r.model,
-                        stage=r.stage,
-                        template_id=r.template_id,
-                        template_version=r.template_version,
-                        attempts=0,
-                    )
+                    results[r.key] = _unanswered(r, BUDGET_STOP)
                 else:
                     allowed.append(r)
                     held += worst
@@ -407,13 +460,6 @@ class Engine:
                 "Check the server and --base-url, or raise --max-error-rate"
             )
 
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            # The server said when; a little jitter keeps a crowd of waiters from returning at once.
-            return min(retry_after, self.config.retry_after_max_s) + self._rng.uniform(0, 0.05)
-        ceiling = min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** (attempt - 1))
-        return ceiling * (0.5 + self._rng.random() / 2)
-
     def _finish(
         self, r: Request, c: Completion, attempts: int, report: RunReport, batch_prices: bool = False
     ) -> Completion:
@@ -446,7 +492,10 @@ class Engine:
 
     def _failure(self, r: Request, e: BackendError) -> Completion:
         return Completion(
-            key=r.key, error=str(e), error_kind="permanent" if e.kind == "permanent" else "transient"
+            # Stored in the cache: whatever a backend or server echoed, no credential goes with it.
+            key=r.key,
+            error=redact(e, limit=None),
+            error_kind="permanent" if e.kind == "permanent" else "transient",
         )
 
     async def _call_one(
@@ -480,12 +529,11 @@ class Engine:
                 c = await backend.complete(r)
             except BackendError as e:
                 self._observe(e, backend)
-                if e.kind == "permanent" or attempt >= self.config.max_attempts:
+                if e.kind == "permanent" or not self.backoff.retry(attempt):
                     return self._finish(r, self._failure(r, e), attempt, report, batch_prices)
                 report.retries += 1
-                delay = self._delay(attempt, e.retry_after)
-                logger.debug("retrying %s in %.2fs after: %s", r.key[:12], delay, e)
-                await asyncio.sleep(delay)
+                delay = await self.backoff.asleep(attempt, e.retry_after)
+                logger.debug("retried %s after %.2fs: %s", r.key[:12], delay, e)
                 continue
             self._observe(None, backend)
             return self._finish(r, c, attempt, report, batch_prices)
@@ -505,7 +553,7 @@ class Engine:
             for r, out in zip(pending, outcomes, strict=True):
                 self._observe(out if isinstance(out, BackendError) else None, backend)
                 if isinstance(out, BackendError):
-                    if out.kind == "permanent" or attempt >= self.config.max_attempts:
+                    if out.kind == "permanent" or not self.backoff.retry(attempt):
                         done[r.key] = self._finish(r, self._failure(r, out), attempt, report, batch_prices)
                     else:
                         retry.append(r)
@@ -513,6 +561,6 @@ class Engine:
                     done[r.key] = self._finish(r, out, attempt, report, batch_prices)
             if retry:
                 report.retries += len(retry)
-                await asyncio.sleep(self._delay(attempt, None))
+                await self.backoff.asleep(attempt)
             pending = retry
         return [done[r.key] for r in batch]

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from viscon_hub.engine import Engine, EngineConfig, GenerationCache, Request, make_backend
+from viscon_hub.engine import Engine, EngineConfig, GenerationCache, Request
 from viscon_hub.engine.engine import OFFLINE_MISS
 from viscon_hub.engine.scoring import SCORE_KIND, parse_scores
 from viscon_hub.errors import ConfigError
@@ -196,46 +196,28 @@ def score_generations(
     image_store: str | None = None,
 ) -> RelevanceReport:
     """Score every round of ``GENERATIONS/generations/records.parquet``; write ``generations/relevance.parquet``."""
-    import json
 
+    from viscon_hub.generate.stages import generation_records, read_generations
     from viscon_hub.prepare.images import ImageStore
 
     root = Path(generations)
-    path = root / "generations" / "records.parquet"
-    if not path.is_file():
-        raise ConfigError(
-            f"{generations!r} holds no generations/records.parquet: run `viscon generate` first"
-        )
-    stats_path = root / "stats.json"
-    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+    _, stats = generation_records(generations)
     store = ImageStore(image_store or stats.get("image_store") or f"{generations}/images")
     columns = ["id", "context_mode", "status", "image_sha256", "caption", "qa_freeform", "qa_multiple_choice"]
-    records = pq.read_table(path, columns=columns).to_pylist()
+    records = read_generations(generations, columns=columns).to_pylist()
     engine = Engine(cache=GenerationCache(cache, fallbacks=extra_caches), config=config.engine)
-    backend = None
-    if not config.engine.offline:
-        backend = make_backend(config.model or "", image_loader=store.get, base_url=config.base_url)
     try:
+        backend = engine.backend(config.model or "", image_loader=store.get, base_url=config.base_url)
         rows, report = score_records(records, config=config, engine=engine, backend=backend)
     finally:
         engine.cache.close()
-        if backend is not None:
-            _close(backend)
+        engine.close()
     out = root / "generations" / RELEVANCE_FILE
     tmp = out.with_suffix(".tmp")
     pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
     tmp.replace(out)
     logger.info("relevance: %s", report.to_dict())
     return report
-
-
-def _close(backend: Any) -> None:
-    import asyncio
-
-    try:
-        asyncio.run(backend.aclose())
-    except Exception:  # noqa: BLE001 - closing is best effort
-        logger.debug("closing the relevance backend failed", exc_info=True)
 
 
 def read_scores(generations: str) -> dict[tuple[str, str], dict[tuple[str, int], dict[str, float]]]:

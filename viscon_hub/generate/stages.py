@@ -28,7 +28,6 @@ from viscon_hub.engine import (
     GenerationCache,
     Request,
     RunReport,
-    make_backend,
     parse_spec,
 )
 from viscon_hub.engine.backends.openai_batch import BatchFilesWritten
@@ -301,7 +300,7 @@ def generate(
     try:
         generator.ingest(config.batch_results)
         records, stats = generator.run(contexts, progress=progress)
-        backends = list(generator.backends.values())
+        backends = generator.engine.backends
     finally:
         generator.close()
     for name, n in generator.batch_counts.items():
@@ -338,7 +337,7 @@ class Generator:
     """
 
     def __init__(
-        self, *, config: GenerateConfig, image_store: str, make: Callable[..., Any] = make_backend
+        self, *, config: GenerateConfig, image_store: str, make: Callable[..., Any] | None = None
     ) -> None:
         self.config = config
         self.make = make
@@ -350,35 +349,28 @@ class Generator:
         }
         self.ff_stage = _Stage(load_template("qa_freeform"), config.qa_model)
         self.mc_stage = _Stage(load_template("qa_multiple_choice"), config.qa_model)
-        self.backends: dict[str, Any] = {}
         self.batch_dir = str(Path(fsspec.core.url_to_fs(config.cache)[1], "batches"))
         self.batch_counts: dict[str, int] = {}
 
     def backend(self, spec: str):
         config = self.config
-        if config.engine.offline or config.dry_run:
+        if config.dry_run:
             return None
-        if spec not in self.backends:
-            kind = parse_spec(spec)[0]
-            options: dict[str, Any] = {}
-            if kind == "openai":
-                options = {"max_connections": config.engine.max_concurrency}
-            elif kind == "openai-batch":
-                options = {
-                    "batch_dir": self.batch_dir,
-                    "max_requests": config.batch_max_requests,
-                    "max_bytes": config.batch_max_bytes,
-                    "poll_interval_s": config.batch_poll_interval_s,
-                    "file_only": config.batch_file_only,
-                }
-            self.backends[spec] = self.make(
-                spec,
-                image_loader=self.store.get,
-                base_url=config.base_url,
-                timeout_s=config.engine.request_timeout_s,
-                **options,
-            )
-        return self.backends[spec]
+        options: dict[str, Any] = {}
+        kind = parse_spec(spec)[0]
+        if kind == "openai":
+            options = {"max_connections": config.engine.max_concurrency}
+        elif kind == "openai-batch":
+            options = {
+                "batch_dir": self.batch_dir,
+                "max_requests": config.batch_max_requests,
+                "max_bytes": config.batch_max_bytes,
+                "poll_interval_s": config.batch_poll_interval_s,
+                "file_only": config.batch_file_only,
+            }
+        return self.engine.backend(
+            spec, image_loader=self.store.get, base_url=config.base_url, make=self.make, **options
+        )
 
     def ingest(self, results_files: tuple[str, ...]) -> None:
         """Store the replies of batch results files (OpenAI or ``vllm run-batch``) in the cache first."""
@@ -429,11 +421,10 @@ class Generator:
     def close(self) -> None:
         """Close the cache and every backend; the batch backends' counts stay in :attr:`batch_counts`."""
         self.cache.close()
-        for b in self.backends.values():
-            _close(b)
+        for b in self.engine.backends:
             for name, n in getattr(b, "counts", {}).items():
                 self.batch_counts[name] = self.batch_counts.get(name, 0) + n
-        self.backends.clear()
+        self.engine.close()
 
 
 def _plan_total(plan: dict[str, dict]) -> dict[str, Any]:
@@ -446,15 +437,6 @@ def _plan_total(plan: dict[str, dict]) -> dict[str, Any]:
             4,
         ),
     }
-
-
-def _close(backend: Any) -> None:
-    import asyncio
-
-    try:
-        asyncio.run(backend.aclose())
-    except Exception as e:  # noqa: BLE001 - closing must not hide the run's result
-        logger.debug("closing backend: %s", e)
 
 
 def _run_mode(
@@ -780,6 +762,15 @@ def generation_parts(generations: str) -> list[str]:
     return sorted(parts, key=lambda p: int(p.rsplit("records-", 1)[1].split("-of-")[0]))
 
 
+def generation_records(generations: str) -> tuple[list[str], dict[str, Any]]:
+    """The records files (:func:`generation_parts`) and the stats of a ``viscon generate`` folder."""
+    paths = generation_parts(generations)
+    fs, root = fsspec.core.url_to_fs(generations)
+    stats_path = f"{root.rstrip('/')}/stats.json"
+    stats = json.loads(fs.read_text(stats_path)) if fs.exists(stats_path) else {}
+    return paths, stats
+
+
 def read_generations(generations: str, *, columns: list[str] | None = None) -> pa.Table:
     """The records of a ``viscon generate`` folder: ``records.parquet``, or every shard's part in order.
 
@@ -813,6 +804,7 @@ __all__ = [
     "generate_records",
     "read_contexts",
     "generation_parts",
+    "generation_records",
     "read_generations",
     "shard_slice",
 ]

@@ -23,7 +23,7 @@ import posixpath
 import re
 from typing import Any
 
-from viscon_hub.prepare.images.guard import redact
+from viscon_hub.errors import redact
 from viscon_hub.prepare.readers import RawRow
 from viscon_hub.records import Document, ImageSource
 
@@ -148,7 +148,7 @@ def parse_row(raw: RawRow, *, image_roots: tuple[str, ...] = ()) -> tuple[Docume
             (m.get("document_url") for m in out_meta if m and isinstance(m.get("document_url"), str)), None
         )
     if url is not None:
-        url = redact(url)  # a page URL with user:password@ is stored without them
+        url = redact(url, limit=None)  # a page URL with user:password@ is stored without them
     doc_id = _document_id(url, out_texts, out_images)
     return (
         Document(
@@ -233,7 +233,7 @@ def _image_source(
     scheme = scheme.group(1).lower() if scheme else None
     if scheme in ("http", "https"):
         # Credentials in a crawled URL are someone's secret: never sent, never stored.
-        return ImageSource(url=redact(image)), None
+        return ImageSource(url=redact(image, limit=None)), None
     if scheme == "data":
         head, _, payload = image.partition(",")
         if ";base64" not in head:

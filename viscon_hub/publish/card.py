@@ -51,7 +51,7 @@ from viscon_hub.build.layout import (
     mix_features,
     per_image_features,
 )
-from viscon_hub.errors import ConfigError
+from viscon_hub.errors import ConfigError, env_secrets, redact
 from viscon_hub.publish.stats import (
     OPTIONAL_PLOT_FILES,
     PLOT_FILES,
@@ -518,16 +518,12 @@ def _plots(root: Path) -> dict[str, str]:
 def _build_cost(usage: dict[str, Any], provenance: dict[str, Any]) -> dict[str, Any]:
     """What generating the published rows cost: the usage tokens at the rates of the backends used
     (Batch API rates for models the build called through ``openai-batch``)."""
-    from viscon_hub.engine.prices import PriceTable
+    from viscon_hub.engine.prices import Usage, batch_models
 
-    specs = [provenance.get("caption_model"), provenance.get("qa_model")]
-    batch = {s.split(":", 1)[1] for s in specs if isinstance(s, str) and s.startswith("openai-batch:")}
-    prices = PriceTable.load()
-    total = sum(
-        prices.cost(m, u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0, batch=m in batch)
-        for m, u in usage["by_model"].items()
-    )
-    return {"usd": round(total, 4), "batch_models": sorted(batch)}
+    bill = Usage(batch_models=batch_models([provenance.get("caption_model"), provenance.get("qa_model")]))
+    for m, u in usage["by_model"].items():
+        bill.add(m, u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0)
+    return {"usd": round(bill.cost_usd, 4), "batch_models": sorted(bill.batch_models)}
 
 
 def _usage_rows(usage: dict[str, Any]) -> list[dict[str, Any]]:
@@ -589,13 +585,6 @@ def _render(path: Path, variables: dict[str, Any]) -> str:
 
 # --- hygiene ------------------------------------------------------------------------------------
 
-_SECRET_PATTERNS = (
-    re.compile(r"\bhf_[A-Za-z0-9]{20,}\b"),
-    re.compile(r"\bsk-[A-Za-z0-9_-]{20,}\b"),
-    re.compile(r"\bapi_[A-Za-z0-9]{24,}\b"),
-)
-_SECRET_ENV = re.compile(r"(TOKEN|KEY|SECRET|PASSWORD)$")
-
 
 def _public_url(value: str | None) -> str | None:
     """A source URL without credentials or query string (signed URLs carry secrets there)."""
@@ -609,14 +598,12 @@ def _public_url(value: str | None) -> str | None:
 
 
 def _scrub(text: str) -> str:
-    """Replace anything that looks like a token, and the value of any secret-named variable, by [redacted]."""
-    for pattern in _SECRET_PATTERNS:
-        text = pattern.sub("[redacted]", text)
-    for name, value in sorted(os.environ.items()):
-        if _SECRET_ENV.search(name.upper()) and len(value) >= 8 and value in text:
+    """Anything that looks like a token, and the value of any secret-named variable, as [redacted]."""
+    secrets = env_secrets()
+    for name, value in secrets.items():
+        if value in text:
             logger.warning("a secret from $%s was about to enter the card; it is redacted", name)
-            text = text.replace(value, "[redacted]")
-    return text
+    return redact(text, secrets=secrets.values(), limit=None)
 
 
 def _tidy(text: str) -> str:

@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import shutil
 import tarfile
 import tempfile
@@ -37,7 +36,8 @@ from viscon_hub.build.layout import (
     data_files,
     data_glob,
 )
-from viscon_hub.errors import ConfigError, VisconError
+from viscon_hub.errors import ConfigError, VisconError, redact
+from viscon_hub.retry import Backoff, parse_retry_after
 
 logger = logging.getLogger(__name__)
 
@@ -81,12 +81,6 @@ def _token(token: str | None, *, required: bool = False, what: str = "this comma
     return token
 
 
-def _scrub(text: str, token: str | None) -> str:
-    if token:
-        text = text.replace(token, "***")
-    return text
-
-
 def _retrying(
     action: Callable[[], T],
     *,
@@ -106,32 +100,34 @@ def _retrying(
     # The HTTP client's own base error (httpx's HTTPError, whichever httpx the Hub client uses) also
     # covers connection failures, which never get an HTTP status.
     transport = tuple(b for b in HfHubHTTPError.__mro__[1:] if b.__name__ == "HTTPError")
-    for attempt in range(1, attempts + 1):
+    # Read at call time: tests shorten BACKOFF_BASE_S. A Retry-After is obeyed up to 60 base delays.
+    backoff = Backoff(
+        base_s=BACKOFF_BASE_S,
+        max_s=max(30.0, BACKOFF_BASE_S),
+        max_attempts=attempts,
+        retry_after_max_s=60.0 * BACKOFF_BASE_S,
+    )
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             return action()
         except passthrough:
             raise
         except HFValidationError as e:
-            raise ConfigError(_scrub(f"{what}: {e}", token)) from None
+            raise ConfigError(redact(f"{what}: {e}", secrets=[token], limit=None)) from None
         except (HfHubHTTPError, OSError, *transport) as e:
             response = getattr(e, "response", None) if isinstance(e, HfHubHTTPError) else None
             status = getattr(response, "status_code", None)
             lost = not isinstance(e, HfHubHTTPError) or response is None  # no answer at all
             retryable = lost or status in (412, 429) or (status is not None and status >= 500)
-            if not retryable or attempt == attempts:
+            if not retryable or not backoff.retry(attempt):
                 raise HubError(_hub_message(what, status, e, token)) from None
-            delay = min(BACKOFF_BASE_S * 2.0 ** (attempt - 1), 30.0) * (0.5 + random.random() / 2)
-            header = response.headers.get("retry-after") if response is not None else None
-            if header:
-                try:
-                    delay = min(float(header), 60.0 * BACKOFF_BASE_S)
-                except ValueError:
-                    pass
+            delay = backoff.delay(attempt, parse_retry_after(getattr(response, "headers", None)))
             if report is not None:
                 report.retries += 1
             logger.info("%s: %s, retrying in %.1fs", what, f"HTTP {status}" if status else "no answer", delay)
             time.sleep(delay)
-    raise AssertionError("unreachable")
 
 
 def _hub_message(what: str, status: int | None, error: BaseException, token: str | None) -> str:
@@ -147,7 +143,7 @@ def _hub_message(what: str, status: int | None, error: BaseException, token: str
         fix = "check --repo and --revision"
     else:
         fix = f"HTTP {status}"
-    return _scrub(f"{what} failed: {first} ({fix})", token)
+    return redact(f"{what} failed: {first} ({fix})", secrets=[token], limit=None)
 
 
 def _git_blob_sha1(path: Path) -> str:

@@ -46,15 +46,13 @@ import pyarrow.parquet as pq
 from viscon_hub.build.layout import ALL_CONFIGS, BUILD_INFO, PER_IMAGE_CONFIGS, SPLITS, data_files
 from viscon_hub.errors import ConfigError, MissingDependencyError
 from viscon_hub.records import IMAGE_PLACEHOLDER, OTHER_IMAGE_PLACEHOLDER
+from viscon_hub.resources import HANDWRITTEN_MODEL
 
 logger = logging.getLogger(__name__)
 
 STATS_FILE = "stats.json"
 PLOTS_DIR = "plots"
 STATS_VERSION = 1
-# Same name as viscon_hub.generate.handwritten.MODEL (a test checks); importing that module here
-# would pull in the engine and the tokenizer for one string.
-HANDWRITTEN_MODEL = "handwritten-example"
 WORDCLOUD_WORDS = 200
 BATCH_ROWS = 512
 _DIGITS = 4

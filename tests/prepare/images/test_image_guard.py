@@ -10,16 +10,17 @@ import aiohttp
 import pytest
 from yarl import URL
 
+from viscon_hub.errors import redact
 from viscon_hub.prepare.images import FetchPolicy
-from viscon_hub.prepare.images.fetch import _classify, _parse_retry_after
+from viscon_hub.prepare.images.fetch import _classify
 from viscon_hub.prepare.images.guard import (
     BlockedAddressError,
     GuardedResolver,
     address_allowed,
     check_url,
     is_forbidden,
-    redact,
 )
+from viscon_hub.retry import parse_retry_after
 
 
 @pytest.mark.parametrize(
@@ -193,6 +194,12 @@ def test_classify_other_failures():
 
 
 def test_retry_after_parsing():
+    def _parse_retry_after(value):
+        return parse_retry_after({"Retry-After": value} if value is not None else {})
+
     assert _parse_retry_after("3") == 3.0
     assert _parse_retry_after(None) is None and _parse_retry_after("soon") is None
     assert _parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
+    # Lies are no hint at all: negative, infinite, not a number, a date without a zone.
+    for lie in ("-5", "inf", "nan", "1e999", "Wed, 21 Oct 2015 07:28:00", "\udcff"):
+        assert _parse_retry_after(lie) is None

@@ -2,6 +2,7 @@
 ``transformers:MODEL``, and
 ``sentence-transformers:MODEL`` for the question embeddings of the dedup."""
 
-from viscon_hub.engine.backends.base import Backend, BackendError, make_backend, parse_spec
+from viscon_hub.engine.backends.base import Backend, BackendError
+from viscon_hub.engine.backends.registry import BACKENDS, make_backend, parse_spec
 
-__all__ = ["Backend", "BackendError", "make_backend", "parse_spec"]
+__all__ = ["BACKENDS", "Backend", "BackendError", "make_backend", "parse_spec"]

@@ -1,11 +1,13 @@
-"""The backend protocol, the spec strings that choose a backend, and the error type backends raise.
+"""The backend protocol, the error type backends raise, and helpers the backends share.
 
 A backend turns requests into completions; the engine owns everything else (cache, concurrency,
-rate limits, retries, accounting). ``max_batch == 1`` backends are called once per request with
-bounded concurrency; larger ``max_batch`` backends (vLLM offline) get whole batches.
+rate limits, retries, accounting, creating and closing backends). ``max_batch == 1`` backends are
+called once per request with bounded concurrency; larger ``max_batch`` backends (vLLM offline) get
+whole batches. Which spec makes which backend lives in :mod:`viscon_hub.engine.backends.registry`,
+so this module imports no backend and no backend imports the registry.
 
->>> parse_spec("openai:gpt-4o")
-('openai', 'gpt-4o')
+>>> image_data_url(bytes([0xFF, 0xD8, 0xFF, 0xE0]))
+'data:image/jpeg;base64,/9j/4A=='
 """
 
 from __future__ import annotations
@@ -16,9 +18,8 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from viscon_hub.engine.request import Completion, Request
-from viscon_hub.errors import ConfigError, MissingDependencyError
+from viscon_hub.errors import MissingDependencyError
 
-BACKENDS = ("openai", "openai-batch", "vllm", "transformers", "sentence-transformers")
 ImageLoader = Callable[[str], bytes]
 
 
@@ -40,18 +41,48 @@ class BackendError(Exception):
 
 
 class Backend(Protocol):
+    """What the engine uses of a backend, and nothing more."""
+
     name: str
     model: str
     max_batch: int
+    """Requests per call: 1 means one request per call under the engine's concurrency."""
+    price_tier: str
+    """``"standard"``, or ``"batch"`` for a provider's batch API (its prices, its own rate limits)."""
 
     async def complete(self, request: Request) -> Completion: ...
 
     async def complete_batch(self, requests: list[Request]) -> list[Completion | BackendError]: ...
 
-    async def aclose(self) -> None: ...
+    async def end_loop(self) -> None:
+        """Close what is bound to the running event loop (HTTP sessions); the engine calls it per run."""
+
+    async def aclose(self) -> None:
+        """Release everything (clients, models); the engine calls it once when it closes."""
 
 
-class ThreadedBatchBackend:
+class BaseBackend:
+    """Defaults for the protocol's optional parts: one request per call, standard prices, nothing to close."""
+
+    name = "backend"
+    model = ""
+    max_batch = 1
+    price_tier = "standard"
+
+    async def complete(self, request: Request) -> Completion:
+        raise NotImplementedError
+
+    async def complete_batch(self, requests: list[Request]) -> list[Completion | BackendError]:
+        return await complete_each(self, requests)
+
+    async def end_loop(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+class ThreadedBatchBackend(BaseBackend):
     """For backends whose work is one blocking call per batch (vLLM, sentence-transformers).
 
     Subclasses define ``_run(requests) -> list[Completion | BackendError]``; it runs in a worker
@@ -80,62 +111,6 @@ async def complete_each(backend: Backend, requests: list[Request]) -> list[Compl
         except BackendError as e:
             out.append(e)
     return out
-
-
-def parse_spec(spec: str) -> tuple[str, str]:
-    """Split ``BACKEND:MODEL``; the model part may itself contain colons or slashes."""
-    if not isinstance(spec, str) or ":" not in spec:
-        raise ConfigError(
-            f"a model spec is BACKEND:MODEL with BACKEND one of {', '.join(BACKENDS)} "
-            f"(e.g. openai:gpt-4o, vllm:Qwen/Qwen2-VL-7B-Instruct); got {spec!r}"
-        )
-    kind, model = spec.split(":", 1)
-    if kind not in BACKENDS:
-        raise ConfigError(f"unknown backend {kind!r} in {spec!r}; expected one of {', '.join(BACKENDS)}")
-    if not model.strip():
-        raise ConfigError(f"model spec {spec!r} names no model after the colon")
-    return kind, model
-
-
-def make_backend(
-    spec: str,
-    *,
-    image_loader: ImageLoader,
-    base_url: str | None = None,
-    api_key: str | None = None,
-    timeout_s: float = 120.0,
-    **options: Any,
-) -> Backend:
-    """Build the backend a spec names; heavy backends are imported only here, with an install hint."""
-    kind, model = parse_spec(spec)
-    if kind == "openai":
-        from viscon_hub.engine.backends.openai_backend import OpenAIBackend
-
-        return OpenAIBackend(
-            model, image_loader=image_loader, base_url=base_url, api_key=api_key, timeout_s=timeout_s
-        )
-    if kind == "openai-batch":
-        from viscon_hub.engine.backends.openai_batch import OpenAIBatchBackend
-
-        return OpenAIBatchBackend(
-            model,
-            image_loader=image_loader,
-            base_url=base_url,
-            api_key=api_key,
-            timeout_s=timeout_s,
-            **options,
-        )
-    if kind == "vllm":
-        from viscon_hub.engine.backends.vllm_backend import VLLMBackend
-
-        return VLLMBackend(model, image_loader=image_loader, **options)
-    if kind == "sentence-transformers":
-        from viscon_hub.engine.backends.embed_backend import SentenceTransformersBackend
-
-        return SentenceTransformersBackend(model, image_loader=image_loader, **options)
-    from viscon_hub.engine.backends.transformers_backend import TransformersBackend
-
-    return TransformersBackend(model, image_loader=image_loader, **options)
 
 
 def require(module: str, extra: str) -> Any:

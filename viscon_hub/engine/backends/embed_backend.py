@@ -145,6 +145,38 @@ def _check_cached(model: str) -> None:
         raise OSError(f"{model} is not in the local Hugging Face cache and downloads are off (offline)")
 
 
+# Loaded models, kept for the process: a build embeds once per context mode with the same model, and
+# a second backend for the same weights must not load them again. Two at most (model and fallback).
+_MODELS: dict[tuple[str, str, bool], Any] = {}
+_MAX_MODELS = 2
+# Online load failures, remembered for the process: without a network each attempt takes a minute or
+# more of retries, and a build asks once per context mode. Offline failures are quick and not kept.
+_LOAD_FAILURES: dict[tuple[str, str, bool], Exception] = {}
+
+
+def _load_model(path: str, device: str, local_files_only: bool, options: dict[str, Any]) -> Any:
+    """A ``SentenceTransformer`` for ``path`` on ``device``, loaded once per process (no options)."""
+    key = (path, device, local_files_only)
+    if not options:
+        if key in _MODELS:
+            return _MODELS[key]
+        if key in _LOAD_FAILURES:
+            raise _LOAD_FAILURES[key]
+    st = require("sentence_transformers", "embed")
+    try:
+        with _quiet_loading(), hub_offline() if local_files_only else nullcontext():
+            model = st.SentenceTransformer(path, device=device, local_files_only=local_files_only, **options)
+    except Exception as e:
+        if not options and not local_files_only:
+            _LOAD_FAILURES[key] = e
+        raise
+    if not options:
+        while len(_MODELS) >= _MAX_MODELS:
+            _MODELS.pop(next(iter(_MODELS)))
+        _MODELS[key] = model
+    return model
+
+
 def _text(request: Request) -> str:
     content = request.messages[-1]["content"]
     if isinstance(content, str):
@@ -197,13 +229,9 @@ class SentenceTransformersBackend(ThreadedBatchBackend):
         self.precision = precision
         if local_files_only:
             _check_cached(self.path)
-        st = require("sentence_transformers", "embed")
         torch = require("torch", "embed")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        with _quiet_loading(), hub_offline() if local_files_only else nullcontext():
-            self.st = st.SentenceTransformer(
-                self.path, device=self.device, local_files_only=local_files_only, **options
-            )
+        self.st = _load_model(self.path, self.device, local_files_only, options)
         # Renamed in sentence-transformers 6; the old name still works but warns.
         width = getattr(self.st, "get_embedding_dimension", None) or self.st.get_sentence_embedding_dimension
         self.dimension = int(width() or 0)

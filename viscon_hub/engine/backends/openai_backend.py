@@ -11,21 +11,28 @@ images and once without.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import os
 import time
 from typing import Any
 
-from viscon_hub.engine.backends.base import BackendError, ImageLoader, complete_each, openai_messages, require
+from viscon_hub.engine.backends.base import (
+    BackendError,
+    BaseBackend,
+    ImageLoader,
+    complete_each,
+    openai_messages,
+    require,
+)
 from viscon_hub.engine.request import Completion, Request
 from viscon_hub.engine.scoring import answer_tail, is_scoring, scores_reply, topk_kl
-from viscon_hub.errors import ConfigError
+from viscon_hub.errors import ConfigError, redact
+from viscon_hub.retry import parse_retry_after
 
 _PERMANENT_STATUS = {400, 413, 422}
 _FATAL_STATUS = {401, 403, 404}
 
 
-class OpenAIBackend:
+class OpenAIBackend(BaseBackend):
     name = "openai"
     max_batch = 1
 
@@ -79,7 +86,8 @@ class OpenAIBackend:
         return self._client
 
     def _clean(self, text: str) -> str:
-        return text.replace(self._secret, "***") if self._secret and self._secret != "EMPTY" else text
+        """``text`` without the API key (vLLM's placeholder key ``EMPTY`` is no secret)."""
+        return redact(text, secrets=[self._secret] if self._secret != "EMPTY" else [], limit=None)
 
     def _limits(self):
         import httpx2
@@ -190,7 +198,10 @@ class OpenAIBackend:
                 ) from None
             if status == 429 or status >= 500 or status == 408 or status == 409:
                 raise BackendError(
-                    message, kind="transient", retry_after=_retry_after(e.response), status=status
+                    message,
+                    kind="transient",
+                    retry_after=parse_retry_after(getattr(e.response, "headers", None)),
+                    status=status,
                 ) from None
             kind = "permanent" if status in _PERMANENT_STATUS else "transient"
             raise BackendError(message, kind=kind, status=status) from None
@@ -252,21 +263,3 @@ def _count(value: Any) -> int:
 def _short(e: Exception) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return text[:300]
-
-
-def _retry_after(response: Any) -> float | None:
-    headers = getattr(response, "headers", None) or {}
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return float(ms) / 1000.0
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value) if value else None
-        return max(0.0, parsed.timestamp() - time.time()) if parsed else None

@@ -40,7 +40,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from viscon_hub.engine.backends.base import BackendError, ImageLoader
+from viscon_hub.engine.backends.base import BackendError, BaseBackend, ImageLoader
 from viscon_hub.engine.backends.openai_backend import _FATAL_STATUS, _PERMANENT_STATUS, chat_body
 from viscon_hub.engine.request import Completion, Request
 from viscon_hub.errors import ConfigError
@@ -62,7 +62,7 @@ class BatchFilesWritten(Exception):  # noqa: N818 - a signal that stops the run,
         self.paths = paths
 
 
-class OpenAIBatchBackend:
+class OpenAIBatchBackend(BaseBackend):
     """Batch API calls; see the module docstring. ``file_only`` writes the files and stops."""
 
     name = "openai-batch"
@@ -213,10 +213,18 @@ class OpenAIBatchBackend:
         _write_atomic(path, json.dumps(state, indent=1).encode())
 
     # -- the API --------------------------------------------------------------------------------
+    def _client(self) -> Any:
+        if self._online is None:
+            raise ConfigError(
+                "openai-batch backend: file_only=True writes batch files and calls no API; "
+                "run without --batch-file-only to submit them"
+            )
+        return self._online
+
     async def _submit(self, path: Path, results: dict) -> dict[str, Any] | None:
-        assert self._online is not None
-        client = self._online.client
-        openai = self._online._openai
+        online = self._client()
+        client = online.client
+        openai = online._openai
         data = path.read_bytes()
         keys = [json.loads(line)["custom_id"] for line in data.splitlines() if line.strip()]
         try:

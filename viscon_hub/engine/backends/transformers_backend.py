@@ -13,12 +13,12 @@ import io
 import time
 from typing import Any
 
-from viscon_hub.engine.backends.base import BackendError, ImageLoader, complete_each, require
+from viscon_hub.engine.backends.base import BackendError, BaseBackend, ImageLoader, complete_each, require
 from viscon_hub.engine.request import Completion, Request
 from viscon_hub.engine.scoring import is_scoring, scores_reply
 
 
-class TransformersBackend:
+class TransformersBackend(BaseBackend):
     name = "transformers"
     max_batch = 1
 

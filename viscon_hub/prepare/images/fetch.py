@@ -20,11 +20,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import email.utils
 import http
 import logging
 import os
-import random
 import socket
 import ssl
 import stat
@@ -37,12 +35,13 @@ from typing import Literal
 import aiohttp
 from yarl import URL
 
-from viscon_hub.errors import ConfigError
+from viscon_hub.errors import ConfigError, redact
 from viscon_hub.prepare.images.check import check_image
-from viscon_hub.prepare.images.guard import BlockedAddressError, GuardedResolver, check_url, redact
+from viscon_hub.prepare.images.guard import BlockedAddressError, GuardedResolver, Refusal, check_url
 from viscon_hub.prepare.images.policy import FetchPolicy
 from viscon_hub.prepare.images.store import ImageStore, IndexRecord, sha256_hex
 from viscon_hub.records import ImageSource
+from viscon_hub.retry import parse_retry_after
 
 logger = logging.getLogger(__name__)
 
@@ -126,35 +125,8 @@ def http_reason(status: int) -> str:
 
 def _scrub(text: str, url: URL | None) -> str:
     """A message cut short and cleaned of credentials, even where a library echoed them back."""
-    text = redact(text)
-    if url is not None:
-        for secret in (url.password, url.raw_password, url.user, url.raw_user):
-            if secret and len(secret) >= 3:
-                text = text.replace(secret, "***")
-    return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."
-
-
-def _parse_retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _backoff(attempt: int, retry_after: float | None, policy: FetchPolicy) -> float:
-    if retry_after is not None:
-        return min(retry_after, policy.backoff_max_s)
-    ceiling = min(policy.backoff_max_s, policy.backoff_base_s * 2 ** (attempt - 1))
-    # Half fixed, half jitter: never zero, and clients that failed together do not retry together.
-    return ceiling / 2 + random.uniform(0.0, ceiling / 2)
+    secrets = (url.password, url.raw_password, url.user, url.raw_user) if url is not None else ()
+    return redact(text, secrets=secrets, limit=_MAX_ERROR_CHARS)
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -197,7 +169,7 @@ def _classify(exc: BaseException, url: URL) -> _Outcome:
 async def _read_body(resp: aiohttp.ClientResponse, policy: FetchPolicy) -> _Outcome:
     status = resp.status
     if status == 429 or 500 <= status < 600:
-        retry_after = _parse_retry_after(resp.headers.get("Retry-After"))
+        retry_after = parse_retry_after(resp.headers)
         return _Outcome(
             reason=http_reason(status), error=f"HTTP {status}", retry=True, retry_after=retry_after
         )
@@ -221,15 +193,20 @@ async def _read_body(resp: aiohttp.ClientResponse, policy: FetchPolicy) -> _Outc
     return _Outcome(data=bytes(body))
 
 
+def _refusal(refusal: Refusal | None) -> tuple[str, str]:
+    """The reason and message of a refused URL (``check_url`` gives a refusal whenever no URL)."""
+    return (refusal.reason, refusal.message) if refusal is not None else ("invalid_url", "URL refused")
+
+
 async def _attempt(session: aiohttp.ClientSession, url: URL, policy: FetchPolicy) -> _Outcome:
     """One attempt: follow redirects by hand, checking every hop before connecting to it."""
     current = url
     for hop in range(policy.max_redirects + 1):
         if hop:
             checked, refusal = check_url(current, policy=policy)
-            if refusal is not None or checked is None:
-                assert refusal is not None
-                return _Outcome(reason=refusal.reason, error=f"redirect refused: {refusal.message}")
+            if checked is None:
+                reason, message = _refusal(refusal)
+                return _Outcome(reason=reason, error=f"redirect refused: {message}")
             current = checked
         try:
             async with session.get(current, allow_redirects=False) as resp:
@@ -262,9 +239,10 @@ async def _fetch_url(
     limiter: asyncio.Semaphore,
 ) -> tuple[_Outcome, int]:
     url, refusal = check_url(raw, policy=policy)
-    if refusal is not None or url is None:
-        assert refusal is not None
-        return _Outcome(reason=refusal.reason, error=refusal.message), 0
+    if url is None:
+        reason, message = _refusal(refusal)
+        return _Outcome(reason=reason, error=message), 0
+    backoff = policy.backoff()
     attempt = 0
     while True:
         attempt += 1
@@ -278,11 +256,10 @@ async def _fetch_url(
                     error=f"no complete response within {policy.timeout_s}s from {redact(url)}",
                     retry=True,
                 )
-        if outcome.data is not None or not outcome.retry or attempt >= policy.max_attempts:
+        if outcome.data is not None or not outcome.retry or not backoff.retry(attempt):
             return outcome, attempt
-        delay = _backoff(attempt, outcome.retry_after, policy)
-        logger.debug("retrying %s in %.2fs after %s", redact(url), delay, outcome.reason)
-        await asyncio.sleep(delay)
+        delay = await backoff.asleep(attempt, outcome.retry_after)
+        logger.debug("retried %s after %.2fs (%s)", redact(url), delay, outcome.reason)
 
 
 def _read_path(path: str, max_bytes: int) -> _Outcome:
@@ -365,18 +342,17 @@ class _Batch:
         if src.kind == "bytes":
             outcome = _Outcome(data=src.data or b"")
         elif src.kind == "path":
-            assert src.path is not None
             try:
                 outcome = await asyncio.wait_for(
-                    asyncio.to_thread(_read_path, src.path, self.policy.max_bytes), self.policy.timeout_s
+                    asyncio.to_thread(_read_path, src.path or "", self.policy.max_bytes),
+                    self.policy.timeout_s,
                 )
             except TimeoutError:
                 outcome = _Outcome(reason="timeout", error=f"no read within {self.policy.timeout_s}s")
         else:
-            assert src.url is not None
             session = self.session or await self.open_session()
             outcome, attempts = await _fetch_url(
-                src.url, session=session, policy=self.policy, limiter=self.limiter
+                src.url or "", session=session, policy=self.policy, limiter=self.limiter
             )
         if outcome.data is None:
             result = ImageResult(

@@ -25,6 +25,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 from yarl import URL
 
+from viscon_hub.errors import redact
 from viscon_hub.prepare.images.policy import FetchPolicy
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,6 @@ _EXTRA_FORBIDDEN = tuple(
     )
 )
 _NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#\s@]*@")
 
 
 class BlockedAddressError(OSError):
@@ -155,23 +155,6 @@ def address_allowed(ip: str | IPAddress, *, policy: FetchPolicy) -> bool:
     return any(c in net for c in candidates for net in nets if net.version == c.version)
 
 
-def redact(url: str | URL) -> str:
-    """``url`` as text with any ``user:password@`` removed, for logs and error messages.
-
-    >>> redact("https://user:secret@example.org/a.jpg")
-    'https://example.org/a.jpg'
-    """
-    text = str(url)
-    try:
-        parsed = url if isinstance(url, URL) else URL(text)
-        if parsed.user is not None or parsed.password is not None:
-            text = str(parsed.with_user(None))
-    except (TypeError, ValueError):
-        pass
-    # Belt and braces: a URL yarl cannot parse may still carry credentials.
-    return _USERINFO.sub(r"\1", text)
-
-
 def _legacy_ipv4(host: str) -> ipaddress.IPv4Address | None:
     """The address of a legacy numeric host such as ``2130706433`` or ``0x7f.1``, which libc accepts."""
     if not re.fullmatch(r"[0-9a-fA-FxX.]+", host) or not re.search(r"[0-9]", host):
@@ -195,7 +178,7 @@ def check_url(url: str | URL, *, policy: FetchPolicy) -> tuple[URL | None, Refus
     >>> str(check_url("https://example.org/a.jpg", policy=policy)[0])
     'https://example.org/a.jpg'
     """
-    shown = redact(url)
+    shown = redact(url, limit=None)
     try:
         parsed = url if isinstance(url, URL) else URL(url)
         scheme = parsed.scheme.lower()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from viscon_hub import __version__
 from viscon_hub.errors import ConfigError
+from viscon_hub.retry import Backoff
 
 # Pillow's format ids, lowercased; kept here so a typo fails at config time, not as a drop per image.
 KNOWN_FORMATS = frozenset(
@@ -102,6 +103,10 @@ class FetchPolicy:
         self._check_networks()
         if not isinstance(self.user_agent, str) or not self.user_agent.strip():
             raise _fail("user_agent", "a non-empty string", self.user_agent)
+
+    def backoff(self) -> Backoff:
+        """The retry schedule of one URL: a server's ``Retry-After`` is obeyed up to ``backoff_max_s``."""
+        return Backoff(base_s=self.backoff_base_s, max_s=self.backoff_max_s, max_attempts=self.max_attempts)
 
     def _check_formats(self) -> None:
         formats = self.formats

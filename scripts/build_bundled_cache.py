@@ -1,4 +1,4 @@
-"""The bundled cache: handwritten stand-ins for model output on the bundled sample.
+"""Rebuild the bundled cache from the handwritten stand-ins for model output (a maintainer script).
 
 ``viscon_hub/data/handwritten/sample_generations.jsonl`` holds captions and Q&A replies that a
 person wrote for the 36 image contexts of the bundled sample. This module turns them into cache
@@ -6,7 +6,7 @@ entries under the model name ``handwritten-example`` (never a real model's name)
 requests the stages build, so that the quickstart runs offline. The shipped cache lives in
 ``viscon_hub/data/cache/``; after editing a prompt template, rebuild it with::
 
-    python -m viscon_hub.generate.handwritten
+    python scripts/build_bundled_cache.py
 """
 
 from __future__ import annotations
@@ -20,11 +20,9 @@ from viscon_hub.engine import Completion, GenerationCache
 from viscon_hub.generate.prompts import load_template
 from viscon_hub.generate.stages import CAPTION_TEMPLATES, _Stage, caption_messages, read_contexts
 from viscon_hub.prepare.driver import PrepareConfig, prepare
+from viscon_hub.resources import BUNDLED_CACHE, HANDWRITTEN
+from viscon_hub.resources import HANDWRITTEN_MODEL as MODEL
 
-DATA = Path(__file__).resolve().parents[1] / "data"
-HANDWRITTEN = DATA / "handwritten" / "sample_generations.jsonl"
-BUNDLED_CACHE = DATA / "cache"
-MODEL = "handwritten-example"
 SPEC = f"openai:{MODEL}"
 
 
@@ -82,7 +80,8 @@ def build_bundled_cache(target: Path = BUNDLED_CACHE) -> int:
         cache.put_many(entries)
     # One shard with a fixed name keeps rebuilds byte-stable in git.
     shards = sorted((target / "shards").glob("*.parquet"))
-    assert len(shards) == 1
+    if len(shards) != 1:
+        raise SystemExit(f"expected one cache shard under {target / 'shards'}, found {len(shards)}")
     shards[0].rename(target / "shards" / "handwritten-example.parquet")
     return len(entries)
 

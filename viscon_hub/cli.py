@@ -509,7 +509,7 @@ def resolve(args: argparse.Namespace) -> Any:
         if not any(s in book for s in sections):
             have = ", ".join(book) or "none"
             raise ConfigError(
-                f"recipe {args.recipe}: expected a '{sections[-1]}' section; got sections: {have}"
+                f"recipe {args.recipe}: expected a section '{sections[-1]}'; got sections: {have}"
             )
         inherit = _FROM_BUILD.get(command.name)
         if (

@@ -17,7 +17,7 @@ Demo(name='x', sizes=(1, 2))
 >>> from_mapping(Demo, {"nmae": "y"}, where="demo")
 Traceback (most recent call last):
 ...
-viscon_hub.errors.ConfigError: demo.nmae: unknown key; expected one of name, sizes; got 'y'
+viscon_hub.errors.ConfigError: demo.nmae: unknown key; expected one of name, sizes; got 'y' (str)
 """
 
 from __future__ import annotations
@@ -261,14 +261,33 @@ def to_mapping(config: Any, *, portable: bool = False) -> dict[str, Any]:
 
 
 class _Loader:
-    """A YAML safe loader whose documents are bounded in depth and in nodes (aliases counted each time)."""
+    """YAML's safe loader with YAML 1.2 booleans: ``on``, ``off``, ``yes`` and ``no`` stay strings.
 
-    @staticmethod
-    def load(text: str, path: str) -> Any:
+    (``on`` is a field name, ``relevance.on``; YAML 1.1 would read that key as ``True``.)
+    """
+
+    _cls: Any = None
+
+    @classmethod
+    def load(cls, text: str, path: str) -> Any:
         import yaml
 
+        if cls._cls is None:
+
+            class Strict(yaml.SafeLoader):
+                pass
+
+            bool_tag = "tag:yaml.org,2002:bool"
+            Strict.yaml_implicit_resolvers = {
+                first: [(tag, rx) for tag, rx in resolvers if tag != bool_tag]
+                for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+            }
+            Strict.add_implicit_resolver(
+                bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+            )
+            cls._cls = Strict
         try:
-            return yaml.safe_load(text)
+            return yaml.load(text, Loader=cls._cls)  # noqa: S506 - a SafeLoader subclass
         except RecursionError:
             raise ConfigError(f"recipe {path}: nested too deep to read") from None
         except yaml.YAMLError as e:
@@ -353,7 +372,7 @@ def load(
         recipe = read_recipe(path)
         if section not in recipe:
             have = ", ".join(recipe) or "none"
-            raise ConfigError(f"recipe {path}: expected a '{section}' section; got sections: {have}")
+            raise ConfigError(f"recipe {path}: expected a section '{section}'; got sections: {have}")
         data = _deep_copy(recipe[section])
     for dotted, value in dict(overrides).items():
         set_path(data, dotted, value)

@@ -52,12 +52,8 @@ ENGINE = (
     ),
 )
 MODELS = ("cache", "extra_caches", "caption_model", "qa_model", "base_url", "reasks")
-FILTERS = (
-    "filters.languages",
-    "filters.opt_out",
-    "filters.toxic_text",
-    "filters.nsfw_images",
-    "filters.near_duplicate_images",
+FILTERS = tuple(
+    "filters.languages filters.opt_out filters.toxic_text filters.nsfw_images filters.near_duplicate_images".split()
 )
 
 
@@ -250,23 +246,11 @@ COMMANDS = (
         "prepare",
         "viscon_hub.prepare.driver:PrepareConfig",
         (
-            "source",
-            "output",
-            "limit",
-            "max_tokens",
-            "tokenizer",
-            "num_shards",
-            "shard_index",
-            "max_images_per_document",
-            "image_store",
-            "fetch_images",
-            "image_roots",
-            "fetch.allow_private",
-            "fetch.concurrency",
-            "fetch.timeout_s",
-            "split",
-            "dataset_config",
-            "revision",
+            *(
+                "source output limit max_tokens tokenizer num_shards shard_index max_images_per_document "
+                "image_store fetch_images image_roots fetch.allow_private fetch.concurrency fetch.timeout_s "
+                "split dataset_config revision"
+            ).split(),
             *FILTERS,
         ),
         "_cmd_prepare",
@@ -283,16 +267,11 @@ COMMANDS = (
             "output",
             *MODELS,
             *ENGINE,
-            "context",
-            "image_store",
-            "limit",
+            *"context image_store limit".split(),
             ("engine.offline", {"help": "use only the cache; report misses, call nothing"}),
-            "dry_run",
-            "batch_max_requests",
-            "batch_max_bytes",
-            "batch_poll_interval_s",
-            "batch_file_only",
-            "batch_results",
+            *(
+                "dry_run batch_max_requests batch_max_bytes batch_poll_interval_s batch_file_only batch_results"
+            ).split(),
         ),
         "_cmd_generate",
         "captions, then free-form and multiple-choice Q&A, through the cached engine",
@@ -305,25 +284,14 @@ COMMANDS = (
         "build",
         "viscon_hub.build.driver:BuildConfig",
         (
-            "source",
-            "revision",
-            "output",
-            "work_dir",
-            "configs",
+            *"source revision output work_dir configs".split(),
             *MODELS,
             *ENGINE,
-            "offline",
-            "test_fraction",
-            "dedup.threshold",
-            "dedup.model",
-            "multiple_choice.longest_ratio",
-            "multiple_choice.drop_flagged",
-            "multiple_choice.shuffle",
-            "relevance.model",
-            "relevance.min_relevance",
-            "relevance.on",
-            "limit",
-            "max_shard_size",
+            *(
+                "offline test_fraction dedup.threshold dedup.model multiple_choice.longest_ratio "
+                "multiple_choice.drop_flagged multiple_choice.shuffle relevance.model relevance.min_relevance "
+                "relevance.on limit max_shard_size"
+            ).split(),
             *FILTERS,
         ),
         "_cmd_build",
@@ -423,7 +391,7 @@ def _add_flag(parser: argparse.ArgumentParser, cls: type, entry: Any) -> str:
     meta = {**f.metadata, **extra}
     flag = meta.get("flag") or "--" + path.rsplit(".", 1)[-1].replace("_", "-")
     default = f.default if f.default is not MISSING else None
-    help_text = meta.get("help", "")
+    help_text = meta.get("help", "").replace("%", "%%")  # argparse formats help with %
     if default not in (None, (), False, True, ""):
         help_text += f" (default {default})"
     base = _base(tp)

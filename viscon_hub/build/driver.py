@@ -140,6 +140,8 @@ class BuildConfig:
                 object.__setattr__(self, name, "openai:gpt-4o")
         if self.offline is None:
             object.__setattr__(self, "offline", False)
+        # ``offline`` is the build's one switch; the engine's copy follows it, so the recipe reads true.
+        object.__setattr__(self, "engine", replace(self.engine, offline=self.offline))
         if self.configs is None:
             object.__setattr__(self, "configs", ALL_CONFIGS if quickstart else DEFAULT_RUN_CONFIGS)
         if not self.configs:

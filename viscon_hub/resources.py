@@ -47,3 +47,12 @@ def lazy_attributes(package: str, module: str, names: Iterable[str]) -> Callable
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     return __getattr__
+
+
+def cache_alias(url: str) -> str:
+    """``bundled`` names the handwritten cache shipped for the bundled sample; other URLs are themselves.
+
+    >>> cache_alias("bundled").endswith("cache"), cache_alias("s3://b/c")
+    (True, 's3://b/c')
+    """
+    return str(PACKAGE_DATA / "cache") if url == "bundled" else url

@@ -11,6 +11,7 @@ from datasets import load_dataset
 from viscon_hub.build.driver import BuildConfig, write_dataset
 from viscon_hub.build.layout import ALL_CONFIGS, BUILD_INFO, SPLITS, config_mix, data_path
 from viscon_hub.errors import ConfigError
+from viscon_hub.recipe import to_mapping
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -251,9 +252,11 @@ def test_build_info_is_the_same_for_a_cold_and_a_warm_build(quickstart_build, tm
         extra_caches=cfg.extra_caches,
         image_store=f"{cfg.work}/contexts/images",
         source="viscon-hub:sample/obelics_sample.jsonl",
+        recipe=to_mapping(cfg, portable=True),
     )
     first = json.loads((quickstart_build["dataset"] / BUILD_INFO).read_text())
     assert json.loads((out / BUILD_INFO).read_text()) == first
+    assert first["recipe"]["build"]["configs"] == list(ALL_CONFIGS)
     usage = first["usage"]["handwritten-example"]
     assert usage["replies"] == 216 and usage["cost_usd"] == 0.0
 

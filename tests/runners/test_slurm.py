@@ -170,7 +170,7 @@ def test_bad_shard_sources_are_clear_errors(flags, env, message):
     ("args", "env", "message"),
     [
         (["--num-shards", "2", "--shard-index", "2"], {}, "--shard-index must be in [0, 1]"),
-        (["--shard-index", "1"], {}, "needs --num-shards"),
+        (["--shard-index", "1"], {}, "--shard-index must be in [0, 0] for --num-shards 1"),
         (["--num-shards", "0"], {}, "--num-shards"),
         ([], {"SLURM_ARRAY_TASK_ID": "oops"}, "$SLURM_ARRAY_TASK_ID must be an integer"),
     ],

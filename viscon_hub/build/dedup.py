@@ -28,6 +28,7 @@ from viscon_hub.engine import Engine, EngineConfig, GenerationCache, RunReport
 from viscon_hub.engine.backends import Backend
 from viscon_hub.engine.backends.embed_backend import decode_embedding, embed_request
 from viscon_hub.errors import ConfigError, MissingDependencyError
+from viscon_hub.recipe import opt
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +52,12 @@ class DedupConfig:
     (0.9, 2)
     """
 
-    model: str = "WhereIsAI/UAE-Large-V1"
-    fallback_model: str | None = "bundled:all-MiniLM-L6-v2"
+    model: str = opt(
+        "WhereIsAI/UAE-Large-V1", "sentence-transformers model for the question dedup", flag="--dedup-model"
+    )
+    fallback_model: str | None = opt(
+        "bundled:all-MiniLM-L6-v2", "model used (and recorded) when --dedup-model cannot be loaded"
+    )
     # On the bundled sample questions with all-MiniLM-L6-v2, repeats score 1.0 and rewordings
     # 0.90-0.95 ("How large / How wide are ball dahlia flowers?" 0.95, "What does the background
     # look like? / What is the background like?" 0.93), while distinct questions about one object
@@ -61,11 +66,13 @@ class DedupConfig:
     # pairs like the tower one. UAE-Large-V1 could not be measured here (no download); AnglE-style
     # models tend to score same-topic text higher, not lower, so 0.9 errs on keeping a question:
     # the cheaper mistake, with the per-type minimum as a floor anyway.
-    threshold: float = 0.9
-    min_freeform: int = 2
-    min_multiple_choice: int = 2
-    batch_size: int = 256
-    device: str | None = None
+    threshold: float = opt(
+        0.9, "cosine similarity above which a question counts as a near-duplicate", flag="--dedup-threshold"
+    )
+    min_freeform: int = opt(2, "free-form questions kept per image whatever their similarity")
+    min_multiple_choice: int = opt(2, "multiple-choice items kept per image whatever their similarity")
+    batch_size: int = opt(256, "texts per embedding call")
+    device: str | None = opt(None, "torch device of the embedding model (default: the best available)")
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():

@@ -34,6 +34,7 @@ from viscon_hub.build.layout import (
     config_mix,
     config_mode,
     features_for,
+    parse_configs,
     parse_size,
     write_minimal_readme,
 )
@@ -44,6 +45,9 @@ from viscon_hub.engine import EngineConfig
 from viscon_hub.errors import ConfigError
 from viscon_hub.generate.relevance import RelevanceConfig
 from viscon_hub.prepare.filters import FilterConfig
+from viscon_hub.prepare.images.policy import FetchPolicy
+from viscon_hub.recipe import opt, to_mapping
+from viscon_hub.resources import cache_alias
 from viscon_hub.runners import RunnerOptions, run_generate, run_prepare
 
 logger = logging.getLogger(__name__)
@@ -62,31 +66,70 @@ class BuildConfig:
     ``DEFAULT_RUN_CONFIGS`` (``contextual`` and ``leaky``) unless ``configs`` names others.
     """
 
-    source: str | None = None
-    revision: str | None = None
-    output: str = "viscon"
-    work_dir: str | None = None
-    configs: tuple[str, ...] | None = None
-    cache: str = "viscon-cache"
-    extra_caches: tuple[str, ...] = ()
-    caption_model: str | None = None
-    qa_model: str | None = None
-    base_url: str | None = None
-    offline: bool | None = None
-    test_fraction: float = DEFAULT_TEST_FRACTION
-    limit: int | None = None
-    reasks: int = 2
-    dedup: DedupConfig = field(default_factory=DedupConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    conversation_style: str | None = None
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
-    multiple_choice: MultipleChoiceQuality = field(default_factory=MultipleChoiceQuality)
-    filters: FilterConfig = field(default_factory=FilterConfig)
-    relevance: RelevanceConfig = field(default_factory=RelevanceConfig)
-    runner: RunnerOptions = field(default_factory=RunnerOptions)
+    source: str | None = opt(None, "documents to build from (default: the bundled sample)")
+    revision: str | None = opt(None, "revision of a Hub source dataset")
+    output: str = opt("viscon", "dataset folder", local=True)
+    work_dir: str | None = opt(None, "intermediate outputs (default OUTPUT-work)", local=True)
+    configs: tuple[str, ...] | None = opt(
+        None,
+        "comma-separated config names, or all (default: all for the bundled sample, contextual,leaky "
+        "with --source; each config carries its images' bytes, so each one more costs about the images again)",
+        sep=",",
+    )
+    cache: str = opt("viscon-cache", "cache folder or fsspec URL", local=True)
+    extra_caches: tuple[str, ...] = opt(
+        (),
+        "read-only cache consulted after --cache (repeatable), e.g. a pulled cache or 'bundled'",
+        flag="--extra-cache",
+        metavar="URL",
+    )
+    caption_model: str | None = opt(
+        None,
+        "BACKEND:MODEL for captions (default: openai:gpt-4o; the bundled handwritten example with no --source)",
+    )
+    qa_model: str | None = opt(
+        None,
+        "BACKEND:MODEL for Q&A (default: openai:gpt-4o; the bundled handwritten example with no --source)",
+    )
+    # Where a model was served says nothing of the data: kept out of viscon_build.json like paths.
+    base_url: str | None = opt(None, "OpenAI-compatible endpoint (default $OPENAI_BASE_URL)", local=True)
+    offline: bool | None = opt(
+        None,
+        "use only the cache for generations (the default with no --source and no models)",
+        off="--online",
+    )
+    test_fraction: float = opt(DEFAULT_TEST_FRACTION, "share of pages in the test split")
+    limit: int | None = opt(None, "read at most N documents")
+    reasks: int = opt(2, "re-ask with a new seed when a Q&A reply does not parse")
+    dedup: DedupConfig = opt(factory=DedupConfig, help="question dedup by sentence embeddings")
+    engine: EngineConfig = opt(factory=EngineConfig, help="concurrency, rate limits, retries, budget")
+    conversation_style: str | None = opt(
+        None, "conversation template of the mixes (default: the bundled one)"
+    )
+    max_shard_size: int = opt(
+        DEFAULT_MAX_SHARD_SIZE,
+        "largest Parquet file per config and split, e.g. 500MB or 200KB (as push_to_hub)",
+        size=True,
+    )
+    multiple_choice: MultipleChoiceQuality = opt(
+        factory=MultipleChoiceQuality, help="option shuffle and the length-tell check"
+    )
+    filters: FilterConfig = opt(factory=FilterConfig, help="offline safety and language filters")
+    relevance: RelevanceConfig = opt(factory=RelevanceConfig, help="C3L relevance scores and their threshold")
+    fetch: FetchPolicy = opt(factory=FetchPolicy, help="how prepare acquires images")
+    runner: RunnerOptions = opt(
+        factory=RunnerOptions, help="where the stages run: locally, or on Ray", local=True
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
+        object.__setattr__(self, "extra_caches", tuple(cache_alias(c) for c in self.extra_caches))
+        if self.configs is not None:
+            object.__setattr__(self, "configs", parse_configs(self.configs))
+        if self.limit is not None and self.limit < 0:
+            raise ConfigError(f"--limit must be >= 0; got {self.limit}")
+        if self.reasks < 0:
+            raise ConfigError(f"--reasks must be >= 0; got {self.reasks}")
         quickstart = self.source is None and self.caption_model is None and self.qa_model is None
         if quickstart:
             from viscon_hub.resources import BUNDLED_CACHE
@@ -102,6 +145,8 @@ class BuildConfig:
                 object.__setattr__(self, name, "openai:gpt-4o")
         if self.offline is None:
             object.__setattr__(self, "offline", False)
+        # ``offline`` is the build's one switch; the engine's copy follows it, so the recipe reads true.
+        object.__setattr__(self, "engine", replace(self.engine, offline=self.offline))
         if self.configs is None:
             object.__setattr__(self, "configs", ALL_CONFIGS if quickstart else DEFAULT_RUN_CONFIGS)
         if not self.configs:
@@ -154,6 +199,7 @@ def build(config: BuildConfig, *, progress: Callable[[str], None] | None = None)
             limit=config.limit,
             revision=config.revision,
             filters=config.filters,
+            fetch=config.fetch,
         ),
         runner=config.runner,
     )
@@ -216,6 +262,7 @@ def build(config: BuildConfig, *, progress: Callable[[str], None] | None = None)
         source_revision=config.revision,
         max_shard_size=config.max_shard_size,
         progress=say,
+        recipe=to_mapping(config, portable=True),
     )
     report.stages = {
         "prepare": prep.to_dict(),
@@ -245,8 +292,13 @@ def write_dataset(
     source_revision: str | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     progress: Callable[[str], None] | None = None,
+    recipe: dict[str, Any] | None = None,
 ) -> BuildReport:
-    """Dedup, merge and write every config of ``configs`` from the records under ``generations``."""
+    """Dedup, merge and write every config of ``configs`` from the records under ``generations``.
+
+    ``recipe`` (the resolved ``BuildConfig`` without machine-specific paths) is recorded in
+    ``viscon_build.json`` when given.
+    """
     merger = Merger(
         generations=generations,
         modes=tuple({config_mode(c) for c in configs}),
@@ -334,6 +386,7 @@ def write_dataset(
         "source_revision": source_revision,
         "templates": merger.templates,
         "usage": merger.usage,
+        **({"recipe": {"build": recipe}} if recipe is not None else {}),
     }
     write_build_info(out / BUILD_INFO, info)
     write_minimal_readme(out, configs)

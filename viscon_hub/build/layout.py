@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from viscon_hub.errors import ConfigError
+from viscon_hub.recipe import parse_size
 
 ContextMode = Literal["contextual", "non_contextual"]
 PER_IMAGE_CONFIGS = ("contextual", "non_contextual")
@@ -43,7 +44,6 @@ SPLITS = ("train", "test")
 BUILD_INFO = "viscon_build.json"
 DEFAULT_TEST_FRACTION = 0.02
 DEFAULT_MAX_SHARD_SIZE = 500_000_000  # as ``datasets.push_to_hub``
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 ROUND_TYPES = ("caption", "freeform", "multiple_choice")
 
 
@@ -111,24 +111,6 @@ def data_files(folder, config: str, split: str) -> list[str]:
         if m and m["split"] == split and p.is_file():
             found.append(f"{config}/{p.name}")
     return sorted(found)
-
-
-def parse_size(value: str | int) -> int:
-    """Bytes of a size such as ``500MB``, ``200KB``, ``1GiB`` or a plain number of bytes (> 0)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        n = value
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
-        unit = m[2].upper() if m else None
-        if m is None or unit not in _SIZE_UNITS:
-            raise ConfigError(
-                f"cannot read the size {value!r}; expected a number with an optional unit "
-                f"({', '.join(u for u in _SIZE_UNITS if u)}), e.g. 500MB or 200KB"
-            )
-        n = int(float(m[1]) * _SIZE_UNITS[unit])
-    if n <= 0:
-        raise ConfigError(f"a shard size must be above 0 bytes; got {value!r}")
-    return n
 
 
 def split_score(page_url: str | None, document_id: str) -> float:

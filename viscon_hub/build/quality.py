@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from viscon_hub.errors import ConfigError
+from viscon_hub.recipe import opt
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -39,9 +40,19 @@ class MultipleChoiceQuality:
     (in characters) as every other option; flagged items are counted, and dropped when ``drop_flagged``.
     """
 
-    shuffle: bool = True
-    longest_ratio: float = 1.5
-    drop_flagged: bool = False
+    shuffle: bool = opt(
+        True,
+        "shuffle each item's options (--no-option-shuffle: keep the generated order)",
+        flag="--no-option-shuffle",
+    )
+    longest_ratio: float = opt(
+        1.5,
+        "flag a multiple-choice item whose right option is this many times longer than every other",
+        flag="--mc-longest-ratio",
+    )
+    drop_flagged: bool = opt(
+        False, "leave flagged multiple-choice items out (counted)", flag="--drop-length-tells"
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.longest_ratio, int | float) or not self.longest_ratio > 1.0:

@@ -35,6 +35,7 @@ from viscon_hub.engine import Engine, EngineConfig, GenerationCache, Request
 from viscon_hub.engine.engine import OFFLINE_MISS
 from viscon_hub.engine.scoring import SCORE_KIND, parse_scores
 from viscon_hub.errors import ConfigError
+from viscon_hub.recipe import opt
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +67,19 @@ class RelevanceConfig:
     whose score ``on`` (``kl`` or ``pmi``) is below it; rounds without a score are kept and counted.
     """
 
-    model: str | None = None
-    base_url: str | None = None
-    top_logprobs: int = 20
-    min_relevance: float | None = None
-    on: Literal["kl", "pmi"] = "kl"
-    engine: EngineConfig = field(default_factory=EngineConfig)
+    model: str | None = opt(
+        None,
+        "score every round's C3L relevance with this VLM: transformers:PATH, or openai:MODEL on a "
+        "vLLM server (--base-url; it must answer prompt_logprobs)",
+        flag="--relevance-model",
+    )
+    base_url: str | None = opt(
+        None, "endpoint of the scoring server (default: the generation one)", local=True
+    )
+    top_logprobs: int = opt(20, "log-probabilities per token the server returns (vLLM allows 20)")
+    min_relevance: float | None = opt(None, "drop Q&A rounds whose relevance is below this")
+    on: Literal["kl", "pmi"] = opt("kl", "the score --min-relevance reads", flag="--relevance-on")
+    engine: EngineConfig = opt(factory=EngineConfig, help="engine limits of the scoring calls")
 
     def __post_init__(self) -> None:
         if self.on not in ("kl", "pmi"):

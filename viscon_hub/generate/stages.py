@@ -37,7 +37,10 @@ from viscon_hub.fsutil import is_local
 from viscon_hub.generate.parsers import parse_freeform, parse_multiple_choice
 from viscon_hub.generate.prompts import PromptTemplate, context_fields, load_template
 from viscon_hub.prepare.images import ImageStore
+from viscon_hub.recipe import opt
 from viscon_hub.records import GENERATION_SCHEMA, ImageContext
+from viscon_hub.resources import cache_alias
+from viscon_hub.runners import RunnerOptions
 
 logger = logging.getLogger(__name__)
 
@@ -52,31 +55,67 @@ CAPTION_TEMPLATES = {"contextual": "contextual_caption", "non_contextual": "non_
 class GenerateConfig:
     """Everything ``viscon generate`` takes."""
 
-    contexts: str
-    output: str
-    cache: str = "viscon-cache"
-    extra_caches: tuple[str, ...] = ()
-    caption_model: str = "openai:gpt-4o"
-    qa_model: str = "openai:gpt-4o"
-    base_url: str | None = None
-    context: Literal["contextual", "non_contextual", "both"] = "contextual"
-    image_store: str | None = None
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    reasks: int = 2
-    min_rounds: int = 3
-    max_rounds: int = 5
-    limit: int | None = None
-    dry_run: bool = False
+    contexts: str = opt(help="the output folder of `viscon prepare`", local=True)
+    output: str = opt(help="folder for generations/records.parquet and stats.json", local=True)
+    cache: str = opt("viscon-cache", "cache folder or fsspec URL", local=True)
+    extra_caches: tuple[str, ...] = opt(
+        (),
+        "read-only cache consulted after --cache (repeatable), e.g. a pulled cache or 'bundled'",
+        flag="--extra-cache",
+        metavar="URL",
+    )
+    caption_model: str = opt("openai:gpt-4o", "BACKEND:MODEL for captions")
+    qa_model: str = opt("openai:gpt-4o", "BACKEND:MODEL for Q&A")
+    base_url: str | None = opt(None, "OpenAI-compatible endpoint (default $OPENAI_BASE_URL)")
+    context: Literal["contextual", "non_contextual", "both"] = opt(
+        "contextual", "caption with the web context, without it, or both"
+    )
+    image_store: str | None = opt(None, "image store (default: the one prepare used)", local=True)
+    engine: EngineConfig = opt(factory=EngineConfig, help="concurrency, rate limits, retries, budget")
+    reasks: int = opt(2, "re-ask with a new seed when a Q&A reply does not parse")
+    min_rounds: int = opt(3, "fewest Q&A rounds a reply must hold")
+    max_rounds: int = opt(5, "most Q&A rounds kept from a reply")
+    limit: int | None = opt(None, "use at most N image contexts")
+    dry_run: bool = opt(
+        False, "count requests, cache hits, estimated tokens and cost; call nothing, write nothing"
+    )
     # openai-batch backends: file limits, polling, files only, results files to ingest first
-    batch_max_requests: int = 50_000
-    batch_max_bytes: int = 200 * 1024 * 1024
-    batch_poll_interval_s: float = 60.0
-    batch_file_only: bool = False
-    batch_results: tuple[str, ...] = ()
-    num_shards: int = 1
-    shard_index: int = 0
+    batch_max_requests: int = opt(50_000, "openai-batch: requests per batch file (the provider's cap)")
+    batch_max_bytes: int = opt(
+        200 * 1024 * 1024,
+        "openai-batch: bytes per batch file, images included, e.g. 200MiB (the provider's cap)",
+        size=True,
+    )
+    batch_poll_interval_s: float = opt(
+        60.0,
+        "openai-batch: seconds between polls of a running batch",
+        flag="--batch-poll-interval",
+        metavar="S",
+    )
+    batch_file_only: bool = opt(
+        False,
+        "openai-batch: write the batch JSONL files under CACHE/batches/ and stop (e.g. for vllm run-batch)",
+    )
+    batch_results: tuple[str, ...] = opt(
+        (),
+        "store the replies of a batch results file (OpenAI or vllm run-batch output) first (repeatable)",
+        metavar="FILE",
+        local=True,
+    )
+    num_shards: int = opt(1, "split the contexts across N jobs (default: $SLURM_ARRAY_TASK_COUNT, else 1)")
+    shard_index: int = opt(0, "this job's share, 0..N-1 (default: the Slurm array task, else 0)")
+    runner: RunnerOptions = opt(factory=RunnerOptions, help="where generate runs: locally, or on Ray")
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "extra_caches", tuple(cache_alias(c) for c in self.extra_caches))
+        if self.limit is not None and self.limit < 0:
+            raise ConfigError(f"--limit must be >= 0; got {self.limit}")
+        if self.batch_max_requests < 1:
+            raise ConfigError(f"--batch-max-requests must be >= 1; got {self.batch_max_requests}")
+        if self.batch_max_bytes < 1024:
+            raise ConfigError(f"--batch-max-bytes must be >= 1024; got {self.batch_max_bytes}")
+        if not self.batch_poll_interval_s > 0:
+            raise ConfigError(f"--batch-poll-interval must be > 0 seconds; got {self.batch_poll_interval_s}")
         check_shard(self.num_shards, self.shard_index)
         if self.context not in ("contextual", "non_contextual", "both"):
             raise ConfigError(f"--context must be contextual, non_contextual or both; got {self.context!r}")

@@ -38,7 +38,9 @@ from viscon_hub.prepare.images import FetchPolicy, ImageStore, acquire_images_sy
 from viscon_hub.prepare.readers import RawRow, read_rows, resolve_source
 from viscon_hub.prepare.tokens import TokenCounter
 from viscon_hub.prepare.validate import parse_row
+from viscon_hub.recipe import opt
 from viscon_hub.records import IMAGE_CONTEXT_SCHEMA, Document, ImageContext, ImageSource
+from viscon_hub.runners import RunnerOptions
 
 logger = logging.getLogger(__name__)
 
@@ -47,23 +49,38 @@ logger = logging.getLogger(__name__)
 class PrepareConfig:
     """Everything ``viscon prepare`` takes; the CLI flags and a YAML recipe fill the same fields."""
 
-    source: str | None = None
-    output: str = "viscon-contexts"
-    limit: int | None = None
-    max_tokens: int = 2000
-    tokenizer: str | None = None
-    num_shards: int = 1
-    shard_index: int = 0
-    max_images_per_document: int | None = None
-    fetch_images: bool = True
-    image_store: str | None = None
-    fetch: FetchPolicy = field(default_factory=FetchPolicy)
-    batch_size: int = 256
-    split: str = "train"
-    dataset_config: str | None = None
-    revision: str | None = None
-    image_roots: tuple[str, ...] = ()
-    filters: FilterConfig = field(default_factory=FilterConfig)
+    source: str | None = opt(
+        None,
+        "OBELICS-shaped Parquet/JSONL file, folder, glob or fsspec URL, or a Hub dataset id "
+        "(e.g. HuggingFaceM4/OBELICS; prefix hub: to force); default: the bundled sample",
+    )
+    output: str = opt("viscon-contexts", "output folder or fsspec URL", local=True)
+    limit: int | None = opt(None, "read at most N rows (per shard)")
+    max_tokens: int = opt(2000, "keep documents of at most N text tokens")
+    tokenizer: str | None = opt(
+        None,
+        "tokenizer.json, a folder with one, or a model id available offline "
+        "(default: the bundled LLaMA/Vicuna vocabulary)",
+    )
+    num_shards: int = opt(1, "split the corpus into N shards (default: $SLURM_ARRAY_TASK_COUNT, else 1)")
+    shard_index: int = opt(0, "which shard this job runs (0-based)")
+    max_images_per_document: int | None = opt(None, "keep at most the first N images of each document")
+    fetch_images: bool = opt(True, "acquire images (--no-images: contexts only)", flag="--no-images")
+    image_store: str | None = opt(None, "content-addressed image store (default: OUTPUT/images)", local=True)
+    fetch: FetchPolicy = opt(factory=FetchPolicy, help="how images are acquired")
+    batch_size: int = opt(256, "documents per batch")
+    split: str = opt("train", "split of a Hub dataset")
+    dataset_config: str | None = opt(None, "config of a Hub dataset")
+    revision: str | None = opt(None, "revision of a Hub dataset")
+    image_roots: tuple[str, ...] = opt(
+        (),
+        "also read local images under DIR (repeatable); by default only under each source file's folder",
+        flag="--image-root",
+        metavar="DIR",
+        local=True,
+    )
+    filters: FilterConfig = opt(factory=FilterConfig, help="offline safety and language filters")
+    runner: RunnerOptions = opt(factory=RunnerOptions, help="where prepare runs: locally, or on Ray")
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -98,45 +115,10 @@ class PrepareConfig:
 
     @classmethod
     def from_recipe(cls, path: str | os.PathLike[str], **overrides: Any) -> PrepareConfig:
-        """Load a YAML recipe (keys are this class's fields; ``fetch`` a mapping), then apply overrides."""
-        import yaml
+        """The ``prepare`` section of a YAML recipe, then the ``overrides`` that are not None on top."""
+        from viscon_hub.recipe import load
 
-        with open(path, encoding="utf-8") as f:
-            recipe = yaml.safe_load(f) or {}
-        if not isinstance(recipe, dict):
-            raise ConfigError(
-                f"recipe {path} must be a mapping of option to value; got {type(recipe).__name__}"
-            )
-        recipe = recipe.get("prepare", recipe)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(recipe) - known)
-        if unknown:
-            raise ConfigError(f"recipe {path}: unknown option(s) {unknown}; known: {sorted(known)}")
-        fetch = recipe.pop("fetch", None) or {}
-        if isinstance(fetch, dict):
-            fetch_known = {f.name for f in fields(FetchPolicy)}
-            bad = sorted(set(fetch) - fetch_known)
-            if bad:
-                raise ConfigError(
-                    f"recipe {path}: unknown fetch option(s) {bad}; known: {sorted(fetch_known)}"
-                )
-            fetch = FetchPolicy(**{k: tuple(v) if isinstance(v, list) else v for k, v in fetch.items()})
-        merged = {**recipe, **{k: v for k, v in overrides.items() if v is not None}}
-        if "fetch" in overrides and overrides["fetch"] is not None:
-            fetch = overrides["fetch"]
-        merged["fetch"] = fetch
-        filters = merged.get("filters")
-        if isinstance(filters, dict):
-            filter_known = {f.name for f in fields(FilterConfig)}
-            bad = sorted(set(filters) - filter_known)
-            if bad:
-                raise ConfigError(
-                    f"recipe {path}: unknown filters option(s) {bad}; known: {sorted(filter_known)}"
-                )
-            merged["filters"] = FilterConfig(
-                **{k: tuple(v) if isinstance(v, list) else v for k, v in filters.items()}
-            )
-        return cls(**merged)
+        return load(cls, path, "prepare", overrides={k: v for k, v in overrides.items() if v is not None})
 
 
 @dataclass(slots=True)

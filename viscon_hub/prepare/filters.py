@@ -36,6 +36,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from viscon_hub.errors import ConfigError, MissingDependencyError
+from viscon_hub.recipe import opt
 from viscon_hub.records import Document, ImageContext
 
 logger = logging.getLogger(__name__)
@@ -65,14 +66,16 @@ class FilterConfig:
     image whose 64-bit perceptual hash an earlier document of the same shard already showed.
     """
 
-    languages: tuple[str, ...] = ()
-    min_language_score: float = 0.5
-    toxic_text: bool = False
-    toxic_threshold: float = 0.9
-    nsfw_images: bool = False
-    nsfw_threshold: float = 0.5
-    opt_out: str | None = None
-    near_duplicate_images: bool = False
+    languages: tuple[str, ...] = opt((), "keep pages in these languages, e.g. en or en,de", sep=",")
+    min_language_score: float = opt(0.5, "fastText score a page's language needs")
+    toxic_text: bool = opt(False, "drop pages (and, in build, generations) with toxic text")
+    toxic_threshold: float = opt(0.9, "toxicity probability at which text is dropped")
+    nsfw_images: bool = opt(False, "drop images nudenet finds explicit")
+    nsfw_threshold: float = opt(0.5, "nudenet score at which an image is dropped")
+    opt_out: str | None = opt(None, "file of opted-out domains / URL patterns, one a line", local=True)
+    near_duplicate_images: bool = opt(
+        False, "drop an image an earlier document already showed (same perceptual hash)"
+    )
 
     def __post_init__(self) -> None:
         langs = tuple(str(x).strip().lower() for x in self.languages if str(x).strip())

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from viscon_hub.errors import ConfigError
+from viscon_hub.recipe import opt
 
 if TYPE_CHECKING:
     from viscon_hub.generate.stages import GenerateConfig, GenerateStats
@@ -32,12 +33,20 @@ class RunnerOptions:
     between workers. ``None`` means one worker per CPU of the cluster.
     """
 
-    kind: Literal["local", "ray"] = "local"
-    ray_address: str | None = None
-    ray_workers: int | None = None
-    prepare_block_size: int = 256
-    generate_block_size: int = 16
-    max_retries: int = 3
+    kind: Literal["local", "ray"] = opt(
+        "local",
+        "local: this process; ray: blocks over a Ray cluster through ray.data (pip install 'viscon-hub[ray]')",
+        flag="--runner",
+    )
+    ray_address: str | None = opt(
+        None, "Ray cluster to join (default: start a local one; 'auto': $RAY_ADDRESS)"
+    )
+    ray_workers: int | None = opt(
+        None, "concurrent Ray workers, each with its own engine (default: the cluster's CPUs)"
+    )
+    prepare_block_size: int = opt(256, "documents per Ray block in prepare")
+    generate_block_size: int = opt(16, "image contexts per Ray block in generate")
+    max_retries: int = opt(3, "Ray retries of a failed block before it is a counted drop")
 
     def __post_init__(self) -> None:
         if self.kind not in RUNNERS:

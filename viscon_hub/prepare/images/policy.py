@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from viscon_hub import __version__
 from viscon_hub.errors import ConfigError
+from viscon_hub.recipe import opt
 from viscon_hub.retry import Backoff
 
 # Pillow's format ids, lowercased; kept here so a typo fails at config time, not as a drop per image.
@@ -43,8 +44,8 @@ class FetchPolicy:
     viscon_hub.errors.ConfigError: FetchPolicy.max_attempts: expected an int >= 1, got 0
     """
 
-    concurrency: int = 32
-    timeout_s: float = 20.0
+    concurrency: int = opt(32, "image downloads in flight")
+    timeout_s: float = opt(20.0, "seconds per image download attempt", flag="--timeout")
     connect_timeout_s: float = 10.0
     max_attempts: int = 3
     backoff_base_s: float = 0.5
@@ -60,7 +61,11 @@ class FetchPolicy:
     max_aspect_ratio: float = 2.0
     formats: tuple[str, ...] = ("jpeg", "png", "webp")
     max_redirects: int = 5
-    allow_private: bool = False
+    allow_private: bool = opt(
+        False,
+        "allow image URLs on private, loopback and link-local addresses (off by default)",
+        flag="--allow-private-urls",
+    )
     allowed_networks: tuple[str, ...] = ()
     user_agent: str = DEFAULT_USER_AGENT
 

@@ -24,32 +24,12 @@ from viscon_hub.errors import ConfigError, VisconError
 
 logger = logging.getLogger("viscon_hub")
 
-# The engine's fields carry no help of their own yet (viscon_hub/engine/ is being reworked apart);
-# their flags say it here until EngineConfig uses ``opt`` like the other configs.
-ENGINE = (
-    ("engine.max_concurrency", {"help": "requests in flight"}),
-    ("engine.requests_per_minute", {"flag": "--rpm", "help": "requests per minute limit"}),
-    ("engine.tokens_per_minute", {"flag": "--tpm", "help": "tokens per minute limit"}),
-    ("engine.max_attempts", {"help": "attempts per request"}),
-    (
-        "engine.max_cost_usd",
-        {
-            "flag": "--max-cost",
-            "metavar": "USD",
-            "help": "stop calling models before the estimated spend of this run passes USD (stored replies stay)",
-        },
-    ),
-    (
-        "engine.max_error_rate",
-        {
-            "help": "stop when more than this share of recent calls fail, and fail the run when this share "
-            "of all calls did (1 never stops)"
-        },
-    ),
-    (
-        "engine.request_timeout_s",
-        {"flag": "--request-timeout", "help": "seconds one model call may take before it is retried"},
-    ),
+ENGINE = tuple(
+    f"engine.{name}"
+    for name in (
+        "max_concurrency requests_per_minute tokens_per_minute max_attempts max_cost_usd max_error_rate "
+        "request_timeout_s"
+    ).split()
 )
 MODELS = ("cache", "extra_caches", "caption_model", "qa_model", "base_url", "reasks")
 RUNNER = ("runner.kind", "runner.ray_address", "runner.ray_workers")
@@ -282,7 +262,7 @@ COMMANDS = (
             *MODELS,
             *ENGINE,
             *"context image_store limit".split(),
-            ("engine.offline", {"help": "use only the cache; report misses, call nothing"}),
+            "engine.offline",
             *(
                 "dry_run batch_max_requests batch_max_bytes batch_poll_interval_s batch_file_only batch_results"
             ).split(),

@@ -31,6 +31,7 @@ from viscon_hub.engine.cache import GenerationCache
 from viscon_hub.engine.prices import PriceTable
 from viscon_hub.engine.request import Completion, Request
 from viscon_hub.errors import ConfigError, EndpointError, redact
+from viscon_hub.recipe import opt
 from viscon_hub.retry import Backoff
 
 logger = logging.getLogger(__name__)
@@ -46,21 +47,32 @@ MAX_USAGE_TOKENS = 10_000_000
 class EngineConfig:
     """How hard the engine may push a backend. Validated on creation."""
 
-    max_concurrency: int = 64
-    requests_per_minute: float | None = None
-    tokens_per_minute: float | None = None
-    max_attempts: int = 5
-    backoff_base_s: float = 1.0
-    backoff_max_s: float = 60.0
-    retry_after_max_s: float = 300.0
-    offline: bool = False
-    jitter_seed: int | None = None
-    max_cost_usd: float | None = None
+    max_concurrency: int = opt(64, "requests in flight")
+    requests_per_minute: float | None = opt(None, "requests per minute limit", flag="--rpm")
+    tokens_per_minute: float | None = opt(None, "tokens per minute limit", flag="--tpm")
+    max_attempts: int = opt(5, "attempts per request")
+    backoff_base_s: float = opt(1.0, "first retry wait in seconds (doubles per attempt, jittered)")
+    backoff_max_s: float = opt(60.0, "longest retry wait in seconds")
+    retry_after_max_s: float = opt(300.0, "longest wait a server's Retry-After may ask for")
+    offline: bool = opt(False, "use only the cache; report misses, call nothing")
+    jitter_seed: int | None = opt(None, "seed of the retry jitter (tests)")
+    max_cost_usd: float | None = opt(
+        None,
+        "stop calling models before the estimated spend of this run passes USD (stored replies stay)",
+        flag="--max-cost",
+        metavar="USD",
+    )
     # Stop the run once more than this share of the last ``error_window`` attempts failed (rate-limit
     # answers aside): a dead endpoint then fails within its first wave of calls, not after every retry.
-    max_error_rate: float = 0.5
-    error_window: int = 20
-    request_timeout_s: float = 120.0
+    max_error_rate: float = opt(
+        0.5,
+        "stop when more than this share of recent calls fail, and fail the run when this share of all "
+        "calls did (1 never stops)",
+    )
+    error_window: int = opt(20, "how many recent attempts --max-error-rate looks at")
+    request_timeout_s: float = opt(
+        120.0, "seconds one model call may take before it is retried", flag="--request-timeout"
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_error_rate <= 1.0:

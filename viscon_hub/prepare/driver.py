@@ -167,16 +167,7 @@ def prepare(config: PrepareConfig, *, progress: Callable[[int], None] | None = N
     filters = Filters(config.filters) if config.filters.active else None
     out = _Output(config)
     try:
-        rows = read_rows(
-            config.source,
-            limit=config.limit,
-            num_shards=config.num_shards,
-            shard_index=config.shard_index,
-            split=config.split,
-            config=config.dataset_config,
-            revision=config.revision,
-        )
-        for batch in _batched(rows, config.batch_size):
+        for batch in _batched(source_rows(config), config.batch_size):
             contexts = process_batch(
                 batch,
                 config=config,
@@ -197,20 +188,38 @@ def prepare(config: PrepareConfig, *, progress: Callable[[int], None] | None = N
         out.commit()
     finally:
         out.close()
+    finish(config, stats, spec=spec, tokenizer=counter.spec, started=started)
+    return stats
+
+
+def source_rows(config: PrepareConfig) -> Iterator[RawRow]:
+    """The raw rows of this run's source: its ``--limit`` and its shard."""
+    return read_rows(
+        config.source,
+        limit=config.limit,
+        num_shards=config.num_shards,
+        shard_index=config.shard_index,
+        split=config.split,
+        config=config.dataset_config,
+        revision=config.revision,
+    )
+
+
+def finish(config: PrepareConfig, stats: PrepareStats, *, spec: Any, tokenizer: str, started: float) -> None:
+    """Write the run's ``stats.json`` (or its shard's stats file, merged with the others present)."""
     summary = {
         **stats.to_dict(),
         "shard": config.shard_name,
         "source": spec.location if spec.kind == "hub" else (config.source or "sample"),
-        "tokenizer": counter.spec,
+        "tokenizer": tokenizer,
         "max_tokens": config.max_tokens,
         "filters": config.filters.recipe(),
-        "image_store": config.store_url if store is not None else None,
+        "image_store": config.store_url if config.fetch_images else None,
         "viscon_hub_version": __version__,
         "elapsed_s": round(time.monotonic() - started, 3),
     }
     _write_stats(config, summary)
     logger.info("prepare: %s", json.dumps(stats.to_dict()))
-    return stats
 
 
 def process_batch(

@@ -196,14 +196,8 @@ def prepare_on_ray(
     config: PrepareConfig, *, runner: RunnerOptions, progress: Callable[[int], None] | None = None
 ) -> PrepareStats:
     """:func:`viscon_hub.prepare.driver.prepare` with the blocks processed on Ray; the same files."""
-    from viscon_hub import __version__
-    from viscon_hub.prepare.driver import (
-        PrepareStats,
-        _batched,
-        _Output,
-        _write_stats,
-    )
-    from viscon_hub.prepare.readers import read_rows, resolve_source
+    from viscon_hub.prepare.driver import PrepareStats, _batched, _Output, finish, source_rows
+    from viscon_hub.prepare.readers import resolve_source
     from viscon_hub.prepare.tokens import TokenCounter
     from viscon_hub.records import ImageContext
 
@@ -212,16 +206,7 @@ def prepare_on_ray(
         config.source, split=config.split, config=config.dataset_config, revision=config.revision
     )
     tokenizer = TokenCounter(config.tokenizer).spec
-    rows = read_rows(
-        config.source,
-        limit=config.limit,
-        num_shards=config.num_shards,
-        shard_index=config.shard_index,
-        split=config.split,
-        config=config.dataset_config,
-        revision=config.revision,
-    )
-    blocks = list(_batched(rows, config.batch_size))
+    blocks = list(_batched(source_rows(config), config.batch_size))
     items = [{"block": i, "rows": pickle.dumps(b)} for i, b in enumerate(blocks)]
     stats = PrepareStats()
     out = _Output(config)
@@ -248,18 +233,7 @@ def prepare_on_ray(
         out.commit()
     finally:
         out.close()
-    summary = {
-        **stats.to_dict(),
-        "shard": config.shard_name,
-        "source": spec.location if spec.kind == "hub" else (config.source or "sample"),
-        "tokenizer": tokenizer,
-        "max_tokens": config.max_tokens,
-        "filters": config.filters.recipe(),
-        "image_store": config.store_url if config.fetch_images else None,
-        "viscon_hub_version": __version__,
-        "elapsed_s": round(time.monotonic() - started, 3),
-    }
-    _write_stats(config, summary)
+    finish(config, stats, spec=spec, tokenizer=tokenizer, started=started)
     return stats
 
 

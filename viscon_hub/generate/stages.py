@@ -33,7 +33,7 @@ from viscon_hub.engine import (
 from viscon_hub.engine.backends.openai_batch import BatchFilesWritten
 from viscon_hub.engine.engine import BUDGET_STOP, OFFLINE_MISS, endpoint_of
 from viscon_hub.errors import ConfigError, EndpointError, RunFailedError
-from viscon_hub.fsutil import is_local
+from viscon_hub.fsutil import is_local, write_shard_stats
 from viscon_hub.generate.parsers import parse_freeform, parse_multiple_choice
 from viscon_hub.generate.prompts import PromptTemplate, context_fields, load_template
 from viscon_hub.prepare.images import ImageStore
@@ -716,26 +716,9 @@ def _write_outputs(
         with fs.open(f"{root}/stats.json", "w") as f:
             json.dump(summary, f, indent=2, sort_keys=True)
         return
-    write_shard_stats(config.output, summary, shard_name=config.shard_name, num_shards=config.num_shards)
-
-
-def write_shard_stats(output: str, summary: dict[str, Any], *, shard_name: str, num_shards: int) -> None:
-    """Write one shard's stats, then ``stats.json`` as the merge of every shard file present.
-
-    Any shard may finish last; the merge is idempotent, so each shard rewrites it.
-    """
-    fs, root = fsspec.core.url_to_fs(output)
-    fs.makedirs(f"{root}/stats", exist_ok=True)
-    with fs.open(f"{root}/stats/shard-{shard_name}.json", "w") as f:
-        json.dump(summary, f, indent=2, sort_keys=True)
-    parts = []
-    for path in sorted(fs.glob(f"{root}/stats/shard-*-of-{num_shards:05d}.json")):
-        with fs.open(path, "r") as f:
-            parts.append(json.load(f))
-    merged = merge_stats(parts)
-    merged.update(num_shards=num_shards, shards_done=len(parts))
-    with fs.open(f"{root}/stats.json", "w") as f:
-        json.dump(merged, f, indent=2, sort_keys=True)
+    write_shard_stats(
+        config.output, summary, shard_name=config.shard_name, num_shards=config.num_shards, merge=merge_stats
+    )
 
 
 def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from viscon_hub import __version__
 from viscon_hub.errors import ConfigError
-from viscon_hub.fsutil import is_local
+from viscon_hub.fsutil import is_local, write_shard_stats
 from viscon_hub.prepare.contexts import extract_contexts
 from viscon_hub.prepare.filters import FilterConfig, Filters
 from viscon_hub.prepare.images import FetchPolicy, ImageStore, acquire_images_sync
@@ -409,30 +409,16 @@ class _Output:
 
 
 def _write_stats(config: PrepareConfig, summary: dict[str, Any]) -> None:
-    fs, root = fsspec.core.url_to_fs(config.output)
-    fs.makedirs(f"{root}/stats", exist_ok=True)
-    with fs.open(f"{root}/stats/shard-{config.shard_name}.json", "w") as f:
-        json.dump(summary, f, indent=2, sort_keys=True)
-    # Any shard may finish last; merging every shard file present is idempotent, so each one rewrites it.
-    parts = []
-    for path in sorted(fs.glob(f"{root}/stats/shard-*-of-{config.num_shards:05d}.json")):
-        with fs.open(path, "r") as f:
-            parts.append(json.load(f))
-    merged = PrepareStats.merge(parts)
-    merged.update(
-        {
-            "shards_done": len(parts),
-            "num_shards": config.num_shards,
-            "source": summary["source"],
-            "tokenizer": summary["tokenizer"],
-            "max_tokens": summary["max_tokens"],
-            "filters": summary["filters"],
-            "image_store": summary["image_store"],
-            "viscon_hub_version": __version__,
-        }
+    carried = ("source", "tokenizer", "max_tokens", "filters", "image_store")
+
+    def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+        merged = PrepareStats.merge(parts)
+        merged.update({k: summary[k] for k in carried}, viscon_hub_version=__version__)
+        return merged
+
+    write_shard_stats(
+        config.output, summary, shard_name=config.shard_name, num_shards=config.num_shards, merge=merge
     )
-    with fs.open(f"{root}/stats.json", "w") as f:
-        json.dump(merged, f, indent=2, sort_keys=True)
 
 
 def _batched(rows: Iterable[RawRow], size: int) -> Iterator[list[RawRow]]:

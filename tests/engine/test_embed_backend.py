@@ -170,3 +170,114 @@ def test_a_second_backend_reuses_the_loaded_model(backend):
         local_files_only=True,
     )
     assert again.max_batch == 8 and again.st is backend.st
+
+
+def test_options_load_a_model_of_their_own(backend):
+    own = make_backend(
+        f"sentence-transformers:{MODEL}",
+        image_loader=no_images,
+        device="cpu",
+        local_files_only=True,
+        trust_remote_code=False,
+    )
+    assert own.st is not backend.st and own.dimension == 384
+    assert (
+        make_backend(
+            f"sentence-transformers:{MODEL}", image_loader=no_images, device="cpu", local_files_only=True
+        ).st
+        is backend.st
+    )  # the options' model did not displace the shared one
+
+
+def test_online_load_failures_are_remembered_offline_ones_not(monkeypatch):
+    st = pytest.importorskip("sentence_transformers")
+    from viscon_hub.engine.backends import embed_backend
+    from viscon_hub.engine.backends.base import LoadedModels
+
+    monkeypatch.setattr(embed_backend, "_MODELS", LoadedModels(capacity=2))
+    monkeypatch.setattr(embed_backend, "_LOAD_FAILURES", {})
+    calls = []
+    real = st.SentenceTransformer
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(st, "SentenceTransformer", counting)
+    missing = "viscon-test/no-such-model"
+    # An online load (local_files_only=False), refused quickly: hub_offline stands in for no network.
+    with hub_offline(), pytest.raises(OSError) as first:
+        embed_backend._load_model(missing, "cpu", False, {})
+    with hub_offline(), pytest.raises(OSError) as again:
+        embed_backend._load_model(missing, "cpu", False, {})
+    assert again.value is first.value and calls == [missing]
+    for _ in range(2):
+        with pytest.raises(OSError):
+            embed_backend._load_model(missing, "cpu", True, {})
+    assert calls == [missing] * 3 and len(embed_backend._MODELS) == 0
+
+
+def test_loaded_models_keep_the_most_recently_used():
+    from viscon_hub.engine.backends.base import LoadedModels
+
+    models = LoadedModels(capacity=2)
+    loads = []
+
+    def loader(key):
+        return lambda: loads.append(key) or object()
+
+    a = models.get("a", loader("a"))
+    models.get("b", loader("b"))
+    assert models.get("a", loader("a")) is a  # "a" is now the most recently used
+    models.get("c", loader("c"))  # drops "b", the least recently used
+    assert "a" in models and "b" not in models and "c" in models and len(models) == 2
+    models.get("b", loader("b"))
+    assert loads == ["a", "b", "c", "b"]
+    with pytest.raises(ConfigError, match="capacity must be >= 1; got 0"):
+        LoadedModels(capacity=0)
+
+
+def test_loaded_models_load_a_key_once_for_concurrent_callers():
+    import threading
+    import time
+
+    from viscon_hub.engine.backends.base import LoadedModels
+
+    models = LoadedModels(capacity=2)
+    started, release = threading.Event(), threading.Event()
+    loads = []
+
+    def load():
+        loads.append(threading.get_ident())
+        started.set()
+        release.wait(10)
+        return object()
+
+    results = []
+    first = threading.Thread(target=lambda: results.append(models.get("m", load)))
+    first.start()
+    assert started.wait(10)
+    others = [threading.Thread(target=lambda: results.append(models.get("m", load))) for _ in range(7)]
+    for t in others:
+        t.start()
+    time.sleep(0.2)  # the others are now waiting on the load in progress
+    assert results == []
+    # Another key is not held up by the load in progress.
+    assert models.get("other", lambda: "loaded") == "loaded"
+    release.set()
+    for t in [first, *others]:
+        t.join(10)
+    assert len(loads) == 1 and len(results) == 8 and all(r is results[0] for r in results)
+
+
+def test_a_failed_load_is_not_kept_and_the_next_caller_loads():
+    from viscon_hub.engine.backends.base import LoadedModels
+
+    models = LoadedModels(capacity=1)
+
+    def fail():
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        models.get("m", fail)
+    assert "m" not in models and models.get("m", lambda: "weights") == "weights"

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Callable
-from typing import Any, Protocol
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Any, Protocol, TypeVar
 
 from viscon_hub.engine.request import Completion, Request
-from viscon_hub.errors import MissingDependencyError
+from viscon_hub.errors import ConfigError, MissingDependencyError
 
 ImageLoader = Callable[[str], bytes]
+T = TypeVar("T")
 
 
 class BackendError(Exception):
@@ -100,6 +103,66 @@ class ThreadedBatchBackend(BaseBackend):
         if isinstance(out, BackendError):
             raise out
         return out
+
+
+class LoadedModels:
+    """Loaded models kept for the process, so a second backend for the same weights does not load them again.
+
+    A build makes an engine (and its backends) per stage and per run, often for the same weights. At
+    most ``capacity`` entries are kept, the least recently used dropped first (backends still holding
+    a dropped model keep it alive until they close). ``get`` is thread-safe: while one thread loads a
+    key, others asking for it wait for that load; different keys load in parallel. A failed load is
+    not kept, so the next ``get`` tries again.
+
+    >>> models = LoadedModels(capacity=1)
+    >>> weights = models.get("a", lambda: ["weights of a"])
+    >>> models.get("a", lambda: ["loaded again"]) is weights
+    True
+    >>> models.get("b", lambda: ["weights of b"])
+    ['weights of b']
+    >>> "a" in models, len(models)
+    (False, 1)
+    """
+
+    def __init__(self, *, capacity: int) -> None:
+        if capacity < 1:
+            raise ConfigError(f"LoadedModels capacity must be >= 1; got {capacity}")
+        self.capacity = capacity
+        self._entries: OrderedDict[Hashable, Any] = OrderedDict()
+        self._loading: set[Hashable] = set()
+        self._changed = threading.Condition()
+
+    def get(self, key: Hashable, load: Callable[[], T]) -> T:
+        """The model kept under ``key``, loaded with ``load()`` (outside the lock) when absent."""
+        with self._changed:
+            while key in self._loading:
+                self._changed.wait()
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+            self._loading.add(key)
+        try:
+            model = load()
+        except BaseException:
+            with self._changed:
+                self._loading.discard(key)
+                self._changed.notify_all()  # a waiter takes its own turn at loading
+            raise
+        with self._changed:
+            self._loading.discard(key)
+            self._entries[key] = model
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+            self._changed.notify_all()
+        return model
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._changed:
+            return key in self._entries
+
+    def __len__(self) -> int:
+        with self._changed:
+            return len(self._entries)
 
 
 async def complete_each(backend: Backend, requests: list[Request]) -> list[Completion | BackendError]:

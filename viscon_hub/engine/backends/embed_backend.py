@@ -30,7 +30,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from viscon_hub.engine.backends.base import BackendError, ImageLoader, ThreadedBatchBackend, require
+from viscon_hub.engine.backends.base import (
+    BackendError,
+    ImageLoader,
+    LoadedModels,
+    ThreadedBatchBackend,
+    require,
+)
 from viscon_hub.engine.request import Completion, Request
 from viscon_hub.errors import ConfigError
 
@@ -147,8 +153,7 @@ def _check_cached(model: str) -> None:
 
 # Loaded models, kept for the process: a build embeds once per context mode with the same model, and
 # a second backend for the same weights must not load them again. Two at most (model and fallback).
-_MODELS: dict[tuple[str, str, bool], Any] = {}
-_MAX_MODELS = 2
+_MODELS = LoadedModels(capacity=2)
 # Online load failures, remembered for the process: without a network each attempt takes a minute or
 # more of retries, and a build asks once per context mode. Offline failures are quick and not kept.
 _LOAD_FAILURES: dict[tuple[str, str, bool], Exception] = {}
@@ -156,25 +161,27 @@ _LOAD_FAILURES: dict[tuple[str, str, bool], Exception] = {}
 
 def _load_model(path: str, device: str, local_files_only: bool, options: dict[str, Any]) -> Any:
     """A ``SentenceTransformer`` for ``path`` on ``device``, loaded once per process (no options)."""
+    st = require("sentence_transformers", "embed")
+
+    def load() -> Any:
+        with _quiet_loading(), hub_offline() if local_files_only else nullcontext():
+            return st.SentenceTransformer(path, device=device, local_files_only=local_files_only, **options)
+
+    if options:
+        return load()  # options may change the weights or the tokenizer: not a shared model
     key = (path, device, local_files_only)
-    if not options:
-        if key in _MODELS:
-            return _MODELS[key]
+
+    def load_or_recall_failure() -> Any:
         if key in _LOAD_FAILURES:
             raise _LOAD_FAILURES[key]
-    st = require("sentence_transformers", "embed")
-    try:
-        with _quiet_loading(), hub_offline() if local_files_only else nullcontext():
-            model = st.SentenceTransformer(path, device=device, local_files_only=local_files_only, **options)
-    except Exception as e:
-        if not options and not local_files_only:
-            _LOAD_FAILURES[key] = e
-        raise
-    if not options:
-        while len(_MODELS) >= _MAX_MODELS:
-            _MODELS.pop(next(iter(_MODELS)))
-        _MODELS[key] = model
-    return model
+        try:
+            return load()
+        except Exception as e:
+            if not local_files_only:
+                _LOAD_FAILURES[key] = e
+            raise
+
+    return _MODELS.get(key, load_or_recall_failure)
 
 
 def _text(request: Request) -> str:

@@ -1,6 +1,8 @@
 """Small local models with ``transformers``: a vision-language model when images are present, else a
 causal LM. One request at a time (a lock keeps the model single-threaded); meant for small models,
-tests and debugging, not for throughput.
+tests and debugging, not for throughput. Loaded models are kept for the process (two at most), so a
+second backend for the same model, device and dtype reuses the weights; backends sharing a model take
+turns with it.
 
 Besides generation it answers scoring requests (``engine/scoring.py``): the last assistant turn is
 scored under teacher forcing with and without the request's images, exactly over the vocabulary.
@@ -10,12 +12,55 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from viscon_hub.engine.backends.base import BackendError, BaseBackend, ImageLoader, complete_each, require
+from viscon_hub.engine.backends.base import (
+    BackendError,
+    BaseBackend,
+    ImageLoader,
+    LoadedModels,
+    complete_each,
+    require,
+)
 from viscon_hub.engine.request import Completion, Request
 from viscon_hub.engine.scoring import is_scoring, scores_reply
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _LoadedModel:
+    processor: Any  # None for a text-only causal LM
+    tokenizer: Any  # None for a vision-language model (its processor tokenizes)
+    net: Any
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    """Held while the net runs: every backend that shares this model runs it through here."""
+
+
+# Loaded models, kept for the process: a build makes an engine per stage (caption, Q&A, relevance)
+# and per run, often for the same weights. Two at most, as for the embedding models.
+_MODELS = LoadedModels(capacity=2)
+
+
+def _load(model: str, *, device: str, dtype: str | None) -> _LoadedModel:
+    torch = require("torch", "transformers")
+    transformers = require("transformers", "transformers")
+    kwargs: dict[str, Any] = {}
+    if dtype:
+        kwargs["dtype"] = getattr(torch, dtype)
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(model)
+        net = transformers.AutoModelForImageTextToText.from_pretrained(model, **kwargs)
+        tokenizer = None
+    except (ValueError, OSError, KeyError):
+        # Not a vision-language checkpoint: a text-only causal LM (the Q&A stages need no image).
+        processor = None
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model)
+        net = transformers.AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    net.to(device).eval()
+    return _LoadedModel(processor=processor, tokenizer=tokenizer, net=net)
 
 
 class TransformersBackend(BaseBackend):
@@ -32,24 +77,19 @@ class TransformersBackend(BaseBackend):
         **options: Any,
     ) -> None:
         torch = require("torch", "transformers")
-        transformers = require("transformers", "transformers")
+        require("transformers", "transformers")
         self.model = model
         self.image_loader = image_loader
         self._torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        kwargs: dict[str, Any] = {}
-        if dtype:
-            kwargs["dtype"] = getattr(torch, dtype)
-        self.processor = None
-        try:
-            self.processor = transformers.AutoProcessor.from_pretrained(model)
-            self.net = transformers.AutoModelForImageTextToText.from_pretrained(model, **kwargs)
-        except (ValueError, OSError, KeyError):
-            # Not a vision-language checkpoint: a text-only causal LM (the Q&A stages need no image).
-            self.processor = None
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(model)
-            self.net = transformers.AutoModelForCausalLM.from_pretrained(model, **kwargs)
-        self.net.to(self.device).eval()
+        loaded = _MODELS.get(
+            (model, self.device, dtype), lambda: _load(model, device=self.device, dtype=dtype)
+        )
+        self.processor = loaded.processor
+        self.tokenizer = loaded.tokenizer
+        self.net = loaded.net
+        self._model_lock = loaded.lock
+        # Keeps this backend's requests queued on the event loop rather than in worker threads.
         self._lock = asyncio.Lock()
 
     def _inputs(
@@ -187,7 +227,12 @@ class TransformersBackend(BaseBackend):
     async def complete(self, request: Request) -> Completion:
         run = self._score if is_scoring(request.sampling) else self._generate
         async with self._lock:
-            return await asyncio.to_thread(run, request)
+            return await asyncio.to_thread(self._alone, run, request)
+
+    def _alone(self, run: Callable[[Request], Completion], request: Request) -> Completion:
+        # Other backends (other engines, other event loops) may share this model: one runs it at a time.
+        with self._model_lock:
+            return run(request)
 
     async def complete_batch(self, requests: list[Request]) -> list[Completion | BackendError]:
         return await complete_each(self, requests)

@@ -117,13 +117,14 @@ def merge(root: Path, configs: tuple[str, ...] = ("contextual", "leaky")) -> dic
 
     from viscon_hub.build import merge as merge_module
     from viscon_hub.build.driver import write_dataset
+    from viscon_hub.build.merge import MergeConfig
 
     merge_module.dedup_questions = keep_all  # dedup has its own benchmark
     t = time.perf_counter()
     report = write_dataset(
         generations=str(root / "generations"),
         output=str(root / "out"),
-        configs=configs,
+        merge=MergeConfig(configs=configs),
         cache=str(root / "cache"),
     )
     elapsed = time.perf_counter() - t

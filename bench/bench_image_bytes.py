@@ -26,6 +26,8 @@ sys.path.insert(0, str(ROOT))
 from viscon_hub.build import writer as writer_module  # noqa: E402
 from viscon_hub.build.driver import BuildConfig, build, write_dataset  # noqa: E402
 from viscon_hub.build.layout import ALL_CONFIGS, DEFAULT_RUN_CONFIGS  # noqa: E402
+from viscon_hub.build.merge import MergeConfig  # noqa: E402
+from viscon_hub.generate.stages import GenerateConfig  # noqa: E402
 
 MIN_CHUNK, MAX_CHUNK = 8 * 1024, 128 * 1024
 MASK = 0xFFFF << 48  # 16 bits: one boundary per 64 KiB on average
@@ -84,7 +86,11 @@ def measure(out: Path, image_bytes: int) -> dict:
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        cfg = BuildConfig(output=str(root / "viscon"), work_dir=str(root / "work"), cache=str(root / "cache"))
+        cfg = BuildConfig(
+            output=str(root / "viscon"),
+            work_dir=str(root / "work"),
+            generate=GenerateConfig(cache=str(root / "cache")),
+        )
         build(cfg)
         import pyarrow.parquet as pq
 
@@ -102,9 +108,9 @@ def main() -> None:
             write_dataset(
                 generations=str(root / "work" / "generations"),
                 output=str(out),
-                configs=configs,
-                cache=cfg.cache,
-                extra_caches=cfg.extra_caches,
+                merge=MergeConfig(configs=configs),
+                cache=cfg.generate.cache,
+                extra_caches=cfg.generate.extra_caches,
             )
             result[name] = measure(out, image_bytes)
 

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from viscon_hub.build import driver as build_module  # noqa: E402
 from viscon_hub.build import merge as merge_module  # noqa: E402
 from viscon_hub.build.dedup import DedupResult  # noqa: E402
+from viscon_hub.build.merge import MergeConfig  # noqa: E402
 from viscon_hub.prepare.images import ImageStore  # noqa: E402
 from viscon_hub.records import GENERATION_SCHEMA  # noqa: E402
 
@@ -146,7 +147,7 @@ def keep_all(items, **_kwargs) -> DedupResult:
 
 def ours(gen: Path, out: Path, cache: Path) -> int:
     report = build_module.write_dataset(
-        generations=str(gen), output=str(out), configs=("leaky",), cache=str(cache)
+        generations=str(gen), output=str(out), merge=MergeConfig(configs=("leaky",)), cache=str(cache)
     )
     return sum(report.rows["leaky"].values())
 

@@ -40,18 +40,21 @@ def start_server(tmp: Path, latency: float) -> tuple[subprocess.Popen, str]:
 def one_build(tmp: Path, name: str, url: str, *, workers: int, concurrency: int, block_size: int) -> dict:
     from viscon_hub.build.driver import BuildConfig, build
     from viscon_hub.engine import EngineConfig
+    from viscon_hub.generate.stages import GenerateConfig
     from viscon_hub.runners import RunnerOptions
 
     marks: dict[str, float] = {}
     config = BuildConfig(
         output=str(tmp / name),
         work_dir=str(tmp / f"{name}-work"),
-        cache=str(tmp / f"{name}-cache"),
-        caption_model="openai:viscon-test-vlm",
-        qa_model="openai:viscon-test-llm",
-        base_url=url,
         offline=False,
-        engine=EngineConfig(max_concurrency=concurrency),
+        generate=GenerateConfig(
+            cache=str(tmp / f"{name}-cache"),
+            caption_model="openai:viscon-test-vlm",
+            qa_model="openai:viscon-test-llm",
+            base_url=url,
+            engine=EngineConfig(max_concurrency=concurrency),
+        ),
         runner=RunnerOptions(kind="ray", ray_workers=workers, generate_block_size=block_size),
     )
     started = time.perf_counter()

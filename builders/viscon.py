@@ -32,7 +32,7 @@ from viscon_hub.build.layout import (
     config_mode,
     features_for,
 )
-from viscon_hub.build.merge import Merger
+from viscon_hub.build.merge import MergeConfig, Merger
 
 _DESCRIPTIONS = {
     "contextual": "one row per image with its web context and everything generated for it with that context",
@@ -117,8 +117,7 @@ class VisconBuilder(datasets.GeneratorBasedBuilder):
             modes=(config_mode(self.config.name),),
             cache=self.config.cache,
             extra_caches=tuple(self.config.extra_caches),
-            test_fraction=self.config.test_fraction,
-            dedup=dedup,
+            merge=MergeConfig(test_fraction=self.config.test_fraction, dedup=dedup),
             cache_only=True,
             image_store=self.config.image_store,
             per_image=config_mix(self.config.name) is None,

@@ -68,6 +68,7 @@ def quickstart_build(tmp_path_factory):
     Tests must not modify it; copy it first.
     """
     from viscon_hub.build.driver import BuildConfig, build
+    from viscon_hub.generate.stages import GenerateConfig
 
     root = tmp_path_factory.mktemp("quickstart")
     with pytest.MonkeyPatch.context() as mp:
@@ -78,7 +79,9 @@ def quickstart_build(tmp_path_factory):
         mp.setenv("HF_DATASETS_OFFLINE", "1")
         mp.delenv("HF_TOKEN", raising=False)
         config = BuildConfig(
-            output=str(root / "viscon"), work_dir=str(root / "work"), cache=str(root / "cache")
+            output=str(root / "viscon"),
+            work_dir=str(root / "work"),
+            generate=GenerateConfig(cache=str(root / "cache")),
         )
         report = build(config)
     return {"root": root, "dataset": root / "viscon", "config": config, "report": report}

@@ -42,9 +42,11 @@ def test_quickstart_recipe_builds_the_same_bytes_as_no_flags(tmp_path, monkeypat
     assert plain.keys() == recipe.keys() and any(k.endswith(".parquet") for k in plain)
     assert plain == recipe
     info = json.loads(plain["viscon_build.json"])
-    assert info["recipe"]["build"]["caption_model"] == "openai:handwritten-example"
-    assert "output" not in info["recipe"]["build"] and "work_dir" not in info["recipe"]["build"]
-    assert info["recipe"]["build"]["extra_caches"] == ["bundled"], "no machine-specific path is recorded"
+    recorded = info["recipe"]["build"]
+    assert recorded["generate"]["caption_model"] == "openai:handwritten-example"
+    assert "output" not in recorded and "work_dir" not in recorded
+    assert "output" not in recorded["prepare"] and "contexts" not in recorded["generate"]
+    assert recorded["generate"]["extra_caches"] == ["bundled"], "no machine-specific path is recorded"
 
 
 def test_quickstart_recipe_resolves_like_no_flags(capsys):
@@ -54,16 +56,17 @@ def test_quickstart_recipe_resolves_like_no_flags(capsys):
 def test_a_flag_overrides_the_recipe(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
-        "build:\n  test_fraction: 0.1\n  dedup:\n    threshold: 0.8\n  engine:\n    max_attempts: 3\n"
+        "build:\n  merge:\n    test_fraction: 0.1\n    dedup:\n      threshold: 0.8\n"
+        "  generate:\n    engine:\n      max_attempts: 3\n"
     )
     from_file = printed(capsys, "build", "--recipe", str(recipe))["build"]
-    assert from_file["test_fraction"] == 0.1 and from_file["dedup"]["threshold"] == 0.8
-    assert from_file["engine"]["max_attempts"] == 3
+    assert from_file["merge"]["test_fraction"] == 0.1 and from_file["merge"]["dedup"]["threshold"] == 0.8
+    assert from_file["generate"]["engine"]["max_attempts"] == 3
     both = printed(
         capsys, "build", "--recipe", str(recipe), "--test-fraction", "0.2", "--dedup-threshold", "0.85"
     )["build"]
-    assert both["test_fraction"] == 0.2 and both["dedup"]["threshold"] == 0.85
-    assert both["engine"]["max_attempts"] == 3, "a nested value the flags do not name stays"
+    assert both["merge"]["test_fraction"] == 0.2 and both["merge"]["dedup"]["threshold"] == 0.85
+    assert both["generate"]["engine"]["max_attempts"] == 3, "a nested value the flags do not name stays"
 
 
 def test_printed_recipe_reads_back_to_the_same_config(tmp_path, capsys):
@@ -106,14 +109,46 @@ def test_prepare_and_generate_take_the_recipe(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("text", "key", "expected", "arrived"),
     [
-        ("build:\n  dedup:\n    thresold: 0.9\n", "build.dedup.thresold", "expected one of", "got 0.9"),
-        ("build:\n  test_fraction: lots\n", "build.test_fraction", "expected a number", "got 'lots' (str)"),
-        ("build:\n  offline: 'yes'\n", "build.offline", "expected true or false or null", "got 'yes'"),
-        ("build:\n  configs: leaky\n", "build.configs", "expected a list of a string", "got 'leaky'"),
-        ("build:\n  engine: 5\n", "build.engine", "expected a mapping", "got 5 (int)"),
         (
-            "build:\n  engine:\n    max_attempts: 2.5\n",
-            "build.engine.max_attempts",
+            "build:\n  merge:\n    dedup:\n      thresold: 0.9\n",
+            "build.merge.dedup.thresold",
+            "expected one of",
+            "got 0.9",
+        ),
+        (
+            "build:\n  merge:\n    test_fraction: lots\n",
+            "build.merge.test_fraction",
+            "expected a number",
+            "got 'lots' (str)",
+        ),
+        ("build:\n  offline: 'yes'\n", "build.offline", "expected true or false or null", "got 'yes'"),
+        (
+            "build:\n  merge:\n    configs: leaky\n",
+            "build.merge.configs",
+            "expected a list of a string",
+            "got 'leaky'",
+        ),
+        (
+            "build:\n  generate:\n    engine: 5\n",
+            "build.generate.engine",
+            "expected a mapping",
+            "got 5 (int)",
+        ),
+        (
+            "build:\n  caption_model: openai:gpt-4o\n",
+            "build.caption_model",
+            "expected one of output, work_dir, offline, prepare, generate, relevance, merge, runner",
+            "got 'openai:gpt-4o'",
+        ),
+        (
+            "build:\n  prepare:\n    output: somewhere\n",
+            "build: prepare.output",
+            "expected it left out",
+            "got 'somewhere'",
+        ),
+        (
+            "build:\n  generate:\n    engine:\n      max_attempts: 2.5\n",
+            "build.generate.engine.max_attempts",
             "whole number",
             "got 2.5",
         ),
@@ -136,10 +171,10 @@ def test_unknown_key_or_wrong_type_is_one_line_and_exit_2(tmp_path, capsys, text
 
 def test_a_value_the_config_refuses_is_one_line(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("build:\n  dedup:\n    threshold: 1.5\n")
+    recipe.write_text("build:\n  merge:\n    dedup:\n      threshold: 1.5\n")
     assert main(["build", "--recipe", str(recipe)]) == 2
     line = error_line(capsys)
-    assert "build.dedup" in line and "1.5" in line
+    assert "build.merge.dedup" in line and "1.5" in line
 
 
 def _bomb() -> str:
@@ -181,9 +216,9 @@ def test_missing_or_folder_recipe_is_a_clear_error(tmp_path, capsys):
 
 
 def test_required_field_without_a_value_names_its_flag(tmp_path, capsys):
-    assert main(["generate", "--output", str(tmp_path / "o")]) == 2
+    assert main(["push", "--dataset", str(tmp_path / "o")]) == 2
     line = error_line(capsys)
-    assert "generate.contexts" in line and "--contexts" in line
+    assert "push.repo" in line and "--repo" in line
 
 
 def test_bad_flag_value_exits_2():
@@ -196,19 +231,24 @@ def test_secrets_never_reach_the_printed_recipe(capsys):
     out = printed(capsys, "build", "--base-url", "https://user:sk-abcdefghijklmnop@llm.example.org/v1")
     text = json.dumps(out)
     assert "sk-abcdefghijklmnop" not in text and "user:" not in text
-    assert out["build"]["base_url"] == "https://llm.example.org/v1"
+    assert out["build"]["generate"]["base_url"] == "https://llm.example.org/v1"
 
 
 def test_loader_reads_nested_configs_and_sizes():
     config = from_mapping(
         BuildConfig,
-        {"max_shard_size": "200KB", "fetch": {"formats": ["png"]}, "filters": {"languages": ["EN"]}},
+        {
+            "merge": {"max_shard_size": "200KB"},
+            "prepare": {"fetch": {"formats": ["png"]}, "filters": {"languages": ["EN"]}},
+        },
     )
-    assert config.max_shard_size == 200_000 and config.fetch.formats == ("png",)
-    assert config.filters.languages == ("en",)
+    assert config.merge.max_shard_size == 200_000 and config.prepare.fetch.formats == ("png",)
+    assert config.prepare.filters.languages == ("en",)
     assert to_mapping(config, portable=True).keys() < to_mapping(config).keys()
-    with pytest.raises(ConfigError, match=r"^build\.fetch\.formats\[0\]: expected a string; got 3 \(int\)$"):
-        from_mapping(BuildConfig, {"fetch": {"formats": [3]}}, where="build")
+    with pytest.raises(
+        ConfigError, match=r"^build\.prepare\.fetch\.formats\[0\]: expected a string; got 3 \(int\)$"
+    ):
+        from_mapping(BuildConfig, {"prepare": {"fetch": {"formats": [3]}}}, where="build")
 
 
 def test_shipped_recipes_load_into_their_configs():

@@ -36,6 +36,12 @@ RUNNER = ("runner.kind", "runner.ray_address", "runner.ray_workers")
 FILTERS = tuple(
     "filters.languages filters.opt_out filters.toxic_text filters.nsfw_images filters.near_duplicate_images".split()
 )
+QUICK = "openai:gpt-4o; the bundled handwritten example with no --source"
+
+
+def _under(stage: str, paths: Sequence[str]) -> tuple[str, ...]:
+    """The field paths of a stage config nested in another one (``BuildConfig.generate``)."""
+    return tuple(f"{stage}.{p}" for p in paths)
 
 
 @dataclass(frozen=True)
@@ -281,15 +287,25 @@ COMMANDS = (
         "build",
         "viscon_hub.build.driver:BuildConfig",
         (
-            *"source revision output work_dir configs".split(),
-            *MODELS,
-            *ENGINE,
+            *_under("prepare", "source revision max_tokens tokenizer max_images_per_document".split()),
+            ("prepare.limit", {"help": "read at most N documents"}),
+            "output",
+            "work_dir",
+            "merge.configs",
+            *_under("generate", [m for m in MODELS if not m.endswith("_model")]),
             *(
-                "offline test_fraction dedup.threshold dedup.model multiple_choice.longest_ratio "
-                "multiple_choice.drop_flagged multiple_choice.shuffle relevance.model relevance.min_relevance "
-                "relevance.on limit max_shard_size"
-            ).split(),
-            *FILTERS,
+                (f"generate.{m}", {"help": f"BACKEND:MODEL for {what} (default: {QUICK})"})
+                for m, what in (("caption_model", "captions"), ("qa_model", "Q&A"))
+            ),
+            *_under("generate", ENGINE),
+            "offline",
+            *_under(
+                "merge",
+                "test_fraction dedup.threshold dedup.model multiple_choice.longest_ratio "
+                "multiple_choice.drop_flagged multiple_choice.shuffle max_shard_size".split(),
+            ),
+            *"relevance.model relevance.min_relevance relevance.on".split(),
+            *_under("prepare", FILTERS),
             *RUNNER,
         ),
         "_cmd_build",
@@ -390,7 +406,7 @@ def _add_flag(parser: argparse.ArgumentParser, cls: type, entry: Any) -> str:
     flag = meta.get("flag") or "--" + path.rsplit(".", 1)[-1].replace("_", "-")
     default = f.default if f.default is not MISSING else None
     help_text = meta.get("help", "").replace("%", "%%")  # argparse formats help with %
-    if default not in (None, (), False, True, ""):
+    if default not in (None, (), False, True, "") and "(default" not in help_text:
         help_text += f" (default {default})"
     base = _base(tp)
     common = {"dest": path, "default": argparse.SUPPRESS, "help": help_text}

@@ -254,7 +254,7 @@ def to_mapping(config: Any, *, portable: bool = False) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for f in fields(config):
-        if portable and f.metadata.get("local"):
+        if not f.init or (portable and f.metadata.get("local")):
             continue
         out[f.name] = plain(getattr(config, f.name))
     return out

@@ -10,8 +10,9 @@ from datasets import load_dataset
 
 from viscon_hub.build.driver import BuildConfig, write_dataset
 from viscon_hub.build.layout import ALL_CONFIGS, BUILD_INFO, SPLITS, config_mix, data_path
+from viscon_hub.build.merge import MergeConfig
 from viscon_hub.errors import ConfigError
-from viscon_hub.recipe import to_mapping
+from viscon_hub.recipe import from_mapping, to_mapping
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,16 +23,45 @@ def rows(dataset: Path, config: str, split: str) -> list[dict]:
 
 def test_quickstart_config_defaults():
     cfg = BuildConfig()
-    assert cfg.offline and cfg.caption_model == "openai:handwritten-example"
-    assert any("data/cache" in c for c in cfg.extra_caches)
-    real = BuildConfig(source="docs.jsonl")
-    assert not real.offline and real.caption_model == "openai:gpt-4o" and real.extra_caches == ()
+    assert cfg.offline and cfg.generate.caption_model == "openai:handwritten-example"
+    assert any("data/cache" in c for c in cfg.generate.extra_caches)
+    real = from_mapping(BuildConfig, {"prepare": {"source": "docs.jsonl"}})
+    gen = real.generate
+    assert not real.offline and gen.caption_model == "openai:gpt-4o" and gen.extra_caches == ()
     assert real.configs == ("contextual", "leaky") and len(cfg.configs) == 10
-    assert BuildConfig(source="docs.jsonl", offline=True).offline
+    assert from_mapping(BuildConfig, {"prepare": {"source": "docs.jsonl"}, "offline": True}).offline
     with pytest.raises(ConfigError):
-        BuildConfig(configs=("leaky", "bogus"))
+        from_mapping(BuildConfig, {"merge": {"configs": ["leaky", "bogus"]}})
     with pytest.raises(ConfigError):
-        BuildConfig(test_fraction=1.0)
+        from_mapping(BuildConfig, {"merge": {"test_fraction": 1.0}})
+
+
+def test_the_build_joins_its_stages_through_its_work_folder():
+    cfg = from_mapping(
+        BuildConfig, {"output": "out", "merge": {"configs": ["leaky"]}, "runner": {"prepare_block_size": 64}}
+    )
+    assert (cfg.prepare.output, cfg.generate.contexts) == ("out-work/contexts", "out-work/contexts")
+    assert cfg.generate.output == "out-work/generations"
+    assert cfg.generate.image_store == "out-work/contexts/images"
+    assert cfg.generate.context == "contextual" and cfg.generate.engine.offline
+    assert cfg.prepare.runner == cfg.generate.runner == cfg.runner
+    assert cfg.relevance.engine == cfg.generate.engine
+    # The resolved config reads back as itself: what --print-recipe shows is what runs.
+    assert from_mapping(BuildConfig, to_mapping(cfg)) == cfg
+    # A joint the build owns, set in the recipe to something else, is a one-line error naming it.
+    for section, key, value in (
+        ("prepare", "output", "elsewhere"),
+        ("generate", "contexts", "elsewhere"),
+        ("generate", "num_shards", 2),
+        ("generate", "context", "non_contextual"),
+    ):
+        with pytest.raises(ConfigError, match=rf"{section}\.{key}: expected it left out.*got"):
+            from_mapping(BuildConfig, {section: {key: value}, "merge": {"configs": ["leaky"]}})
+    with pytest.raises(ConfigError, match="generate.engine.offline"):
+        from_mapping(BuildConfig, {"offline": False, "generate": {"engine": {"offline": True}}})
+    # The engine's offline switch alone also makes the build offline.
+    named = {"prepare": {"source": "d.jsonl"}, "generate": {"engine": {"offline": True}}}
+    assert from_mapping(BuildConfig, named).offline
 
 
 def test_every_config_loads_by_name_from_the_parent(quickstart_build, monkeypatch):
@@ -121,8 +151,8 @@ def test_rebuild_is_byte_identical_and_calls_nothing(quickstart_build, tmp_path)
     report = write_dataset(
         generations=f"{cfg.work}/generations",
         output=str(out),
-        cache=cfg.cache,
-        extra_caches=cfg.extra_caches,
+        cache=cfg.generate.cache,
+        extra_caches=cfg.generate.extra_caches,
         image_store=f"{cfg.work}/contexts/images",
     )
     for mode in ("contextual", "non_contextual"):
@@ -142,9 +172,9 @@ def test_subset_of_configs_replaces_an_older_build(quickstart_build, tmp_path):
     write_dataset(
         generations=f"{cfg.work}/generations",
         output=str(out),
-        configs=("leaky", "contextual"),
-        cache=cfg.cache,
-        extra_caches=cfg.extra_caches,
+        merge=MergeConfig(configs=("leaky", "contextual")),
+        cache=cfg.generate.cache,
+        extra_caches=cfg.generate.extra_caches,
         image_store=f"{cfg.work}/contexts/images",
     )
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["contextual", "leaky"]
@@ -160,8 +190,8 @@ def test_builder_reads_the_same_rows_without_a_model(quickstart_build, tmp_path,
         config_name="leaky",
         cache_dir=str(tmp_path / "hf"),
         generations=f"{cfg.work}/generations",
-        cache=cfg.cache,
-        extra_caches=list(cfg.extra_caches),
+        cache=cfg.generate.cache,
+        extra_caches=list(cfg.generate.extra_caches),
         image_store=f"{cfg.work}/contexts/images",
     )
     builder.download_and_prepare()
@@ -181,7 +211,7 @@ def test_builder_refuses_to_embed(quickstart_build, tmp_path, monkeypatch):
         cache_dir=str(tmp_path / "hf"),
         generations=f"{cfg.work}/generations",
         cache=str(tmp_path / "empty-cache"),
-        extra_caches=list(cfg.extra_caches),
+        extra_caches=list(cfg.generate.extra_caches),
         image_store=f"{cfg.work}/contexts/images",
     )
     with pytest.raises(Exception) as info:
@@ -248,15 +278,15 @@ def test_build_info_is_the_same_for_a_cold_and_a_warm_build(quickstart_build, tm
     write_dataset(
         generations=f"{cfg.work}/generations",
         output=str(out),
-        cache=cfg.cache,
-        extra_caches=cfg.extra_caches,
+        cache=cfg.generate.cache,
+        extra_caches=cfg.generate.extra_caches,
         image_store=f"{cfg.work}/contexts/images",
         source="viscon-hub:sample/obelics_sample.jsonl",
         recipe=to_mapping(cfg, portable=True),
     )
     first = json.loads((quickstart_build["dataset"] / BUILD_INFO).read_text())
     assert json.loads((out / BUILD_INFO).read_text()) == first
-    assert first["recipe"]["build"]["configs"] == list(ALL_CONFIGS)
+    assert first["recipe"]["build"]["merge"]["configs"] == list(ALL_CONFIGS)
     usage = first["usage"]["handwritten-example"]
     assert usage["replies"] == 216 and usage["cost_usd"] == 0.0
 
@@ -284,9 +314,9 @@ def test_missing_images_and_dropped_records_are_counted_and_lose_nothing_else(qu
     report = write_dataset(
         generations=str(gen),
         output=str(tmp_path / "out"),
-        configs=("contextual", "leaky"),
-        cache=cfg.cache,
-        extra_caches=cfg.extra_caches,
+        merge=MergeConfig(configs=("contextual", "leaky")),
+        cache=cfg.generate.cache,
+        extra_caches=cfg.generate.extra_caches,
         image_store=str(store),
     )
     assert report.dropped["contextual"] == {"image_missing": sharing, "qa_freeform_missing_rounds": 1}

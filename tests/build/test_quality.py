@@ -5,7 +5,7 @@ import pytest
 
 from viscon_hub.build.driver import write_dataset
 from viscon_hub.build.layout import BUILD_INFO
-from viscon_hub.build.merge import ConversationStyle, multiple_choice_turn
+from viscon_hub.build.merge import ConversationStyle, MergeConfig, multiple_choice_turn
 from viscon_hub.build.quality import (
     LETTERS,
     MultipleChoiceAudit,
@@ -137,17 +137,20 @@ def test_build_shuffles_flags_drops_and_reports(quickstart_build, tmp_path):
     cfg = quickstart_build["config"]
     common = dict(
         generations=f"{cfg.work}/generations",
-        configs=("contextual", "leaky"),
-        cache=cfg.cache,
-        extra_caches=cfg.extra_caches,
+        cache=cfg.generate.cache,
+        extra_caches=cfg.generate.extra_caches,
         image_store=f"{cfg.work}/contexts/images",
     )
+
+    def merge(multiple_choice):
+        return MergeConfig(configs=("contextual", "leaky"), multiple_choice=multiple_choice)
+
     plain = tmp_path / "plain"
-    write_dataset(output=str(plain), multiple_choice=MultipleChoiceQuality(shuffle=False), **common)
+    write_dataset(output=str(plain), merge=merge(MultipleChoiceQuality(shuffle=False)), **common)
     strict = tmp_path / "strict"
     # The bundled replies follow template v2 (options alike in length): a stricter ratio finds some.
     tight = MultipleChoiceQuality(drop_flagged=True, longest_ratio=1.2)
-    write_dataset(output=str(strict), multiple_choice=tight, **common)
+    write_dataset(output=str(strict), merge=merge(tight), **common)
 
     shuffled = compute_stats(quickstart_build["dataset"])["multiple_choice"]
     before = compute_stats(plain)["multiple_choice"]

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,6 +11,7 @@ from datasets import load_dataset
 
 from viscon_hub.build.driver import write_dataset
 from viscon_hub.build.layout import ALL_CONFIGS, BUILD_INFO, SPLITS, data_files, parse_size
+from viscon_hub.build.merge import MergeConfig
 from viscon_hub.errors import ConfigError
 
 REPO = "viscon-org/sharded"
@@ -20,12 +22,10 @@ def _sharded(quickstart_build, out, size="200KB"):
     return write_dataset(
         generations=f"{cfg.work}/generations",
         output=str(out),
-        configs=ALL_CONFIGS,
-        cache=cfg.cache,
-        extra_caches=cfg.extra_caches,
-        test_fraction=cfg.test_fraction,
+        merge=replace(cfg.merge, configs=ALL_CONFIGS, max_shard_size=size),
+        cache=cfg.generate.cache,
+        extra_caches=cfg.generate.extra_caches,
         source="viscon-hub:sample/obelics_sample.jsonl",
-        max_shard_size=size,
     )
 
 
@@ -144,9 +144,9 @@ def test_unusable_records_are_counted_drops_and_lose_nothing_else(quickstart_bui
     report = write_dataset(
         generations=str(gen),
         output=str(tmp_path / "out"),
-        configs=("contextual", "leaky"),
-        cache=cfg.cache,
-        extra_caches=cfg.extra_caches,
+        merge=MergeConfig(configs=("contextual", "leaky")),
+        cache=cfg.generate.cache,
+        extra_caches=cfg.generate.extra_caches,
         image_store=f"{cfg.work}/contexts/images",
     )
     assert report.dropped["contextual"] == {"unreadable_record": 2, "image_missing": 1}
@@ -174,9 +174,9 @@ def test_an_unreadable_row_group_is_counted_and_the_others_are_merged(quickstart
     report = write_dataset(
         generations=str(gen),
         output=str(tmp_path / "out"),
-        configs=("contextual", "non_contextual"),
-        cache=cfg.cache,
-        extra_caches=cfg.extra_caches,
+        merge=MergeConfig(configs=("contextual", "non_contextual")),
+        cache=cfg.generate.cache,
+        extra_caches=cfg.generate.extra_caches,
         image_store=f"{cfg.work}/contexts/images",
     )
     assert report.dropped["records"] == {"unreadable_row_group": lost}

@@ -280,6 +280,7 @@ def test_build_stores_scores_drops_low_rounds_and_plots_them(quickstart_build, t
 
     from viscon_hub.build.driver import write_dataset
     from viscon_hub.build.layout import BUILD_INFO, SPLITS, data_files
+    from viscon_hub.build.merge import MergeConfig
     from viscon_hub.generate.relevance import score_generations
     from viscon_hub.publish.card import write_card
 
@@ -309,10 +310,10 @@ def test_build_stores_scores_drops_low_rounds_and_plots_them(quickstart_build, t
     out = tmp_path / "viscon"
     common = dict(
         generations=str(generations),
-        cache=quickstart_build["config"].cache,
-        extra_caches=quickstart_build["config"].extra_caches,
+        cache=quickstart_build["config"].generate.cache,
+        extra_caches=quickstart_build["config"].generate.extra_caches,
         image_store=images,
-        configs=("contextual", "non_contextual", "leaky"),
+        merge=MergeConfig(configs=("contextual", "non_contextual", "leaky")),
     )
     write_dataset(output=str(out), relevance=RelevanceConfig(min_relevance=threshold), **common)
     info = json.loads((out / BUILD_INFO).read_text())

@@ -115,12 +115,16 @@ def test_push_with_idefics_and_llava_exports(hub_server, dataset):
 
 def test_cache_round_trip_rebuilds_with_zero_calls(hub_server, quickstart_build, tmp_path, monkeypatch):
     from viscon_hub.build.driver import BuildConfig, build
+    from viscon_hub.build.merge import MergeConfig
+    from viscon_hub.generate.stages import GenerateConfig
     from viscon_hub.resources import BUNDLED_CACHE
 
     # A cache that holds real entries: the generations of the quickstart, as a team would have made them.
     made = tmp_path / "made-cache"
     shutil.copytree(BUNDLED_CACHE, made)
-    shutil.copytree(Path(quickstart_build["config"].cache) / "shards", made / "shards", dirs_exist_ok=True)
+    shutil.copytree(
+        Path(quickstart_build["config"].generate.cache) / "shards", made / "shards", dirs_exist_ok=True
+    )
     pushed = cache_push(cache=str(made), repo="viscon-org/cache")
     assert pushed.commits and len(pushed.added) == len(list((made / "shards").glob("*.parquet")))
     assert cache_push(cache=str(made), repo="viscon-org/cache").commits == []
@@ -132,12 +136,14 @@ def test_cache_round_trip_rebuilds_with_zero_calls(hub_server, quickstart_build,
 
     def rebuild(cache: str, extra: tuple[str, ...], name: str):
         config = BuildConfig(
-            caption_model="openai:handwritten-example",
-            qa_model="openai:handwritten-example",
-            configs=ALL_CONFIGS,  # naming models makes a real run, whose default is contextual,leaky
+            generate=GenerateConfig(
+                caption_model="openai:handwritten-example",
+                qa_model="openai:handwritten-example",
+                cache=cache,
+                extra_caches=extra,
+            ),
+            merge=MergeConfig(configs=ALL_CONFIGS),  # naming models makes a real run: contextual,leaky
             offline=True,
-            cache=cache,
-            extra_caches=extra,
             output=str(tmp_path / name),
             work_dir=str(tmp_path / f"{name}-work"),
         )

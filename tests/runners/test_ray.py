@@ -17,6 +17,7 @@ import pytest
 from tests.servers.openai_server import OpenAITestServer
 from viscon_hub.build.driver import BuildConfig, build
 from viscon_hub.build.layout import ALL_CONFIGS
+from viscon_hub.build.merge import MergeConfig
 from viscon_hub.engine import EngineConfig
 from viscon_hub.errors import ConfigError
 from viscon_hub.generate.stages import GenerateConfig
@@ -40,14 +41,16 @@ def _config(root: Path, name: str, url: str, runner: RunnerOptions) -> BuildConf
     return BuildConfig(
         output=str(root / name),
         work_dir=str(root / f"{name}-work"),
-        cache=str(root / f"{name}-cache"),
-        caption_model="openai:viscon-test-vlm",
-        qa_model="openai:viscon-test-llm",
-        base_url=url,
         offline=False,
-        engine=EngineConfig(max_concurrency=CONCURRENCY, backoff_base_s=0.01, backoff_max_s=0.05),
+        generate=GenerateConfig(
+            cache=str(root / f"{name}-cache"),
+            caption_model="openai:viscon-test-vlm",
+            qa_model="openai:viscon-test-llm",
+            base_url=url,
+            engine=EngineConfig(max_concurrency=CONCURRENCY, backoff_base_s=0.01, backoff_max_s=0.05),
+        ),
         runner=runner,
-        configs=ALL_CONFIGS,  # both context modes: 216 requests on the sample
+        merge=MergeConfig(configs=ALL_CONFIGS),  # both context modes: 216 requests on the sample
     )
 
 

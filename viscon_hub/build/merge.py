@@ -39,12 +39,22 @@ import pyarrow.parquet as pq
 import yaml
 
 from viscon_hub.build.dedup import DedupConfig, dedup_questions
-from viscon_hub.build.layout import DEFAULT_TEST_FRACTION, MIXES, config_mix, config_mode
+from viscon_hub.build.layout import (
+    ALL_CONFIGS,
+    DEFAULT_MAX_SHARD_SIZE,
+    DEFAULT_TEST_FRACTION,
+    MIXES,
+    config_mix,
+    config_mode,
+    parse_configs,
+    parse_size,
+)
 from viscon_hub.build.quality import MultipleChoiceQuality, repair_multiple_choice
 from viscon_hub.errors import ConfigError
 from viscon_hub.generate.relevance import RelevanceConfig, attach_scores, read_scores
 from viscon_hub.generate.stages import generation_records
 from viscon_hub.prepare.filters import drop_toxic_records
+from viscon_hub.recipe import opt
 from viscon_hub.records import (
     GENERATION_COLUMNS,
     GENERATION_KEY_COLUMNS,
@@ -55,6 +65,55 @@ from viscon_hub.resources import PACKAGE_DATA, config_path
 logger = logging.getLogger(__name__)
 
 LETTERS = ("A", "B", "C", "D")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MergeConfig:
+    """How generation records become the rows of each config: which configs, the test split, the
+    question dedup, the multiple-choice checks, the conversation template and the shard size.
+
+    ``configs`` left unset is every config here; ``viscon build`` chooses by its run (all for the
+    bundled sample, ``contextual,leaky`` for a real source).
+
+    >>> MergeConfig(configs="leaky,contextual", max_shard_size="200KB").configs
+    ('contextual', 'leaky')
+    >>> MergeConfig(test_fraction=1.0)
+    Traceback (most recent call last):
+    ...
+    viscon_hub.errors.ConfigError: --test-fraction must be in [0, 1); got 1.0
+    """
+
+    configs: tuple[str, ...] | None = opt(
+        None,
+        "comma-separated config names, or all (default: all for the bundled sample, contextual,leaky "
+        "with --source; each config carries its images' bytes, so each one more costs about the images again)",
+        sep=",",
+    )
+    test_fraction: float = opt(DEFAULT_TEST_FRACTION, "share of pages in the test split")
+    dedup: DedupConfig = opt(factory=DedupConfig, help="question dedup by sentence embeddings")
+    multiple_choice: MultipleChoiceQuality = opt(
+        factory=MultipleChoiceQuality, help="option shuffle and the length-tell check"
+    )
+    conversation_style: str | None = opt(
+        None, "conversation template of the mixes (default: the bundled one)"
+    )
+    max_shard_size: int = opt(
+        DEFAULT_MAX_SHARD_SIZE,
+        "largest Parquet file per config and split, e.g. 500MB or 200KB (as push_to_hub)",
+        size=True,
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
+        if self.configs is not None:
+            object.__setattr__(self, "configs", parse_configs(self.configs))
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise ConfigError(f"--test-fraction must be in [0, 1); got {self.test_fraction}")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The configs to write: ``configs``, or every one when unset."""
+        return self.configs or ALL_CONFIGS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -424,17 +483,14 @@ class Merger:
         *,
         generations: str,
         modes: tuple[str, ...] = ("contextual", "non_contextual"),
+        merge: MergeConfig | None = None,
         cache: str = "viscon-cache",
         extra_caches: tuple[str, ...] = (),
-        test_fraction: float = DEFAULT_TEST_FRACTION,
-        dedup: DedupConfig | None = None,
         offline: bool = True,
         cache_only: bool = False,
-        conversation_style: str | None = None,
         image_store: str | None = None,
         per_image: bool = True,
         batch_size: int = READ_BATCH,
-        multiple_choice: MultipleChoiceQuality | None = None,
         toxic_text: float | None = None,
         relevance: RelevanceConfig | None = None,
     ) -> None:
@@ -449,13 +505,14 @@ class Merger:
                 "add --relevance-model (transformers:... or openai:... on a vLLM server)"
             )
         self.relevance: dict[str, Counter[str]] = {m: Counter() for m in sorted(modes)}
-        self.multiple_choice = multiple_choice or MultipleChoiceQuality()
+        merge = merge or MergeConfig()
+        self.multiple_choice = merge.multiple_choice
         self.quality: dict[str, Counter[str]] = {m: Counter() for m in sorted(modes)}
         self.toxic = ToxicText(threshold=toxic_text) if toxic_text is not None else None
 
-        self.dedup_config = dedup or DedupConfig()
-        self.style = ConversationStyle.load(conversation_style)
-        self.test_fraction = test_fraction
+        self.dedup_config = merge.dedup
+        self.style = ConversationStyle.load(merge.conversation_style)
+        self.test_fraction = merge.test_fraction
         self.modes = tuple(sorted(modes))
         self.offline, self.cache_only = offline, cache_only
         self.cache_url, self.extra_caches = cache, tuple(extra_caches)
@@ -469,7 +526,7 @@ class Merger:
         self.drops: Counter[str] = Counter()
         self.dedup_info: dict[str, Any] = {}
         self._cache = None
-        self._scan(test_fraction)
+        self._scan(merge.test_fraction)
 
     # -- the first pass ----------------------------------------------------------------------------
     def _scan(self, test_fraction: float) -> None:

@@ -51,12 +51,18 @@ RECORDS_ROW_GROUP = 10_000
 CAPTION_TEMPLATES = {"contextual": "contextual_caption", "non_contextual": "non_contextual_caption"}
 
 
+DEFAULT_MODEL = "openai:gpt-4o"
+"""The model of every generation stage a run does not name one for."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GenerateConfig:
     """Everything ``viscon generate`` takes."""
 
-    contexts: str = opt(help="the output folder of `viscon prepare`", local=True)
-    output: str = opt(help="folder for generations/records.parquet and stats.json", local=True)
+    contexts: str = opt("viscon-contexts", "the output folder of `viscon prepare`", local=True)
+    output: str = opt(
+        "viscon-generations", "folder for generations/records.parquet and stats.json", local=True
+    )
     cache: str = opt("viscon-cache", "cache folder or fsspec URL", local=True)
     extra_caches: tuple[str, ...] = opt(
         (),
@@ -64,9 +70,10 @@ class GenerateConfig:
         flag="--extra-cache",
         metavar="URL",
     )
-    caption_model: str = opt("openai:gpt-4o", "BACKEND:MODEL for captions")
-    qa_model: str = opt("openai:gpt-4o", "BACKEND:MODEL for Q&A")
-    base_url: str | None = opt(None, "OpenAI-compatible endpoint (default $OPENAI_BASE_URL)")
+    caption_model: str = opt(None, f"BACKEND:MODEL for captions (default {DEFAULT_MODEL})")  # type: ignore[assignment]
+    qa_model: str = opt(None, f"BACKEND:MODEL for Q&A (default {DEFAULT_MODEL})")  # type: ignore[assignment]
+    # Where a model was served says nothing of the data: kept out of viscon_build.json like paths.
+    base_url: str | None = opt(None, "OpenAI-compatible endpoint (default $OPENAI_BASE_URL)", local=True)
     context: Literal["contextual", "non_contextual", "both"] = opt(
         "contextual", "caption with the web context, without it, or both"
     )
@@ -104,9 +111,20 @@ class GenerateConfig:
     )
     num_shards: int = opt(1, "split the contexts across N jobs (default: $SLURM_ARRAY_TASK_COUNT, else 1)")
     shard_index: int = opt(0, "this job's share, 0..N-1 (default: the Slurm array task, else 0)")
-    runner: RunnerOptions = opt(factory=RunnerOptions, help="where generate runs: locally, or on Ray")
+    runner: RunnerOptions = opt(
+        factory=RunnerOptions, help="where generate runs: locally, or on Ray", local=True
+    )
+
+    # Whether a model was named, not left to DEFAULT_MODEL: a build without a source or a named
+    # model is the quickstart (the bundled sample and its handwritten replies).
+    models_named: bool = field(init=False, default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        named = self.caption_model is not None or self.qa_model is not None
+        object.__setattr__(self, "models_named", named)
+        for name in ("caption_model", "qa_model"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, DEFAULT_MODEL)
         object.__setattr__(self, "extra_caches", tuple(cache_alias(c) for c in self.extra_caches))
         if self.limit is not None and self.limit < 0:
             raise ConfigError(f"--limit must be >= 0; got {self.limit}")

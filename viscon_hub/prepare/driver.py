@@ -80,7 +80,9 @@ class PrepareConfig:
         local=True,
     )
     filters: FilterConfig = opt(factory=FilterConfig, help="offline safety and language filters")
-    runner: RunnerOptions = opt(factory=RunnerOptions, help="where prepare runs: locally, or on Ray")
+    runner: RunnerOptions = opt(
+        factory=RunnerOptions, help="where prepare runs: locally, or on Ray", local=True
+    )
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -13,11 +13,9 @@ import importlib
 import json
 import logging
 import sys
-import types
-import typing
-from collections.abc import Callable, Sequence
-from dataclasses import MISSING, dataclass
-from typing import Any, Literal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from viscon_hub import __version__
 from viscon_hub.errors import ConfigError, VisconError
@@ -372,80 +370,6 @@ COMMANDS = (
 _FROM_BUILD = {"export": "dataset", "card": "dataset", "push": "dataset", "release": "dataset"}
 
 
-# --- flags derived from the config fields ----------------------------------------------------------
-
-
-def _base(tp: Any) -> Any:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0] if len(args) == 1 else str
-    return tp
-
-
-def _text_type(tp: Any) -> Callable[[str], Any]:
-    """Parse one command-line word as ``tp``; argparse turns a failure into exit status 2."""
-    names = {int: "a whole number", float: "a number"}
-
-    def parse(text: str) -> Any:
-        if tp in names:
-            try:
-                return tp(text)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"expected {names[tp]}, got {text!r}") from None
-        return text
-
-    return parse
-
-
-def _add_flag(parser: argparse.ArgumentParser, cls: type, entry: Any) -> str:
-    from viscon_hub.recipe import field_at
-
-    path, extra = (entry, {}) if isinstance(entry, str) else entry
-    f, tp = field_at(cls, path)
-    meta = {**f.metadata, **extra}
-    flag = meta.get("flag") or "--" + path.rsplit(".", 1)[-1].replace("_", "-")
-    default = f.default if f.default is not MISSING else None
-    help_text = meta.get("help", "").replace("%", "%%")  # argparse formats help with %
-    if default not in (None, (), False, True, "") and "(default" not in help_text:
-        help_text += f" (default {default})"
-    base = _base(tp)
-    common = {"dest": path, "default": argparse.SUPPRESS, "help": help_text}
-    metavar = meta.get("metavar") or flag.lstrip("-").upper().replace("-", "_")
-    if base is bool:
-        if meta.get("off"):
-            parser.add_argument(flag, action="store_const", const=True, **common)
-            parser.add_argument(
-                meta["off"],
-                action="store_const",
-                const=False,
-                dest=path,
-                default=argparse.SUPPRESS,
-                help=f"the opposite of {flag}",
-            )
-        else:
-            parser.add_argument(flag, action="store_const", const=not default, **common)
-        return path
-    if typing.get_origin(base) is tuple:
-        item = _text_type(typing.get_args(base)[0])
-        if meta.get("sep"):
-            sep = meta["sep"]
-            parser.add_argument(
-                flag,
-                type=lambda t: [item(x.strip()) for x in t.split(sep) if x.strip()],
-                metavar=metavar,
-                **common,
-            )
-        else:
-            parser.add_argument(flag, type=item, action="append", metavar=metavar, **common)
-        return path
-    if typing.get_origin(base) is Literal:
-        parser.add_argument(flag, choices=typing.get_args(base), **common)
-        return path
-    parse = str if meta.get("size") else _text_type(base)
-    parser.add_argument(flag, type=parse, metavar=metavar, **common)
-    return path
-
-
 def _add_command(sub: Any, command: Command) -> None:
     p = sub.add_parser(command.name.split()[-1], help=command.help, description=command.description or None)
     p.add_argument("--recipe", default=None, metavar="FILE", help="YAML recipe; flags given here override it")
@@ -454,8 +378,9 @@ def _add_command(sub: Any, command: Command) -> None:
     )
     if command.progress:
         p.add_argument("--no-progress", action="store_true", help="no progress output even on a terminal")
-    cls = command.config_class()
-    p.set_defaults(command_spec=command, flag_paths=[_add_flag(p, cls, entry) for entry in command.flags])
+    from viscon_hub.flags import add_flags
+
+    p.set_defaults(command_spec=command, flag_paths=add_flags(p, command.config_class(), command.flags))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -479,32 +404,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace) -> Any:
     """The config of a parsed command line: its recipe section(s), then the flags given."""
-    from viscon_hub import recipe as r
+    from viscon_hub.flags import resolve as resolve_config
 
     command: Command = args.command_spec
     given = vars(args)
-    overrides = {path: given[path] for path in args.flag_paths if path in given}
-    sections = command.sections or (command.name,)
-    data: dict[str, Any] = {}
-    if args.recipe is not None:
-        book = r.read_recipe(args.recipe)
-        if not any(s in book for s in sections):
-            have = ", ".join(book) or "none"
-            raise ConfigError(
-                f"recipe {args.recipe}: expected a section '{sections[-1]}'; got sections: {have}"
-            )
-        inherit = _FROM_BUILD.get(command.name)
-        if (
-            inherit
-            and "output" in book.get("build", {})
-            and not any(inherit in book.get(s, {}) for s in sections)
-        ):
-            data[inherit] = book["build"]["output"]
-        for s in sections:
-            data.update(book.get(s, {}))
-    for path, value in overrides.items():
-        r.set_path(data, path, value)
-    return r.from_mapping(command.config_class(), data, where=sections[-1])
+    return resolve_config(
+        command.config_class(),
+        args.recipe,
+        command.sections or (command.name,),
+        overrides={path: given[path] for path in args.flag_paths if path in given},
+        inherit=_FROM_BUILD.get(command.name),
+    )
 
 
 def _print_recipe(command: Command, config: Any) -> None:

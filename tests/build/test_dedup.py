@@ -246,6 +246,15 @@ def test_fallback_is_recorded_when_the_preferred_model_is_unavailable(minilm, tm
     assert default.fell_back and default.model == MINILM and default.engine["calls"] == 0
 
 
+def test_a_fallback_is_warned_once_however_many_batches(minilm, tmp_path, caplog):
+    config = DedupConfig(model="viscon-test/once-only-model")
+    with caplog.at_level("DEBUG", logger="viscon_hub.build.dedup"):
+        for _ in range(3):
+            assert dedup_questions([ESPRESSO], config=config, cache=GenerationCache(tmp_path)).fell_back
+    said = [r for r in caplog.records if "instead of viscon-test/once-only-model" in r.getMessage()]
+    assert [r.levelname for r in said] == ["WARNING", "DEBUG", "DEBUG"]
+
+
 def test_no_model_at_all_is_a_config_error(tmp_path):
     config = DedupConfig(model="viscon-test/no-such-model", fallback_model=None)
     with pytest.raises(ConfigError, match="no-such-model"):

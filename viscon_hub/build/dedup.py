@@ -388,6 +388,9 @@ def _vectors(completions: list, expected: int) -> tuple[np.ndarray, int]:
     return out, errors
 
 
+_FALLBACKS_SAID: set[tuple[str, str, str]] = set()
+
+
 def dedup_questions(
     items: Sequence[tuple[Sequence[str], Sequence[str]]],
     *,
@@ -446,7 +449,11 @@ def dedup_questions(
         )
         if model != config.model:
             result.model, result.fell_back, result.fallback_reason = model, True, reasons[0]
-            logger.warning("question dedup: using %s instead of %s (%s)", model, config.model, reasons[0])
+            # Said once per process: the merge dedups batch by batch, mode by mode, with the same outcome.
+            warned = (model, config.model, reasons[0])
+            level = logging.DEBUG if warned in _FALLBACKS_SAID else logging.WARNING
+            _FALLBACKS_SAID.add(warned)
+            logger.log(level, "question dedup: using %s instead of %s (%s)", model, config.model, reasons[0])
         if requests is None:
             requests = [embed_request(t, model=model) for t in texts]
         completions = engine.run(requests, backend=backend)

@@ -294,18 +294,12 @@ def _source_key(src: ImageSource) -> str:
     return src.key
 
 
+# What the store remembers of an outcome: every field of IndexRecord but its key.
+_REMEMBERED = tuple(f.name for f in dataclasses.fields(IndexRecord) if f.name != "key")
+
+
 def _from_record(rec: IndexRecord) -> ImageResult:
-    return ImageResult(
-        status=rec.status,
-        reason=rec.reason,
-        sha256=rec.sha256,
-        width=rec.width,
-        height=rec.height,
-        format=rec.format,
-        error=rec.error,
-        attempts=rec.attempts,
-        from_store=True,
-    )
+    return ImageResult(**{name: getattr(rec, name) for name in _REMEMBERED}, from_store=True)
 
 
 class _Batch:
@@ -364,19 +358,7 @@ class _Batch:
         if result.reason is not None:
             logger.debug("dropped %s: %s (%s)", redact(key), result.reason, result.error)
         if src.kind != "bytes":
-            self.store.record(
-                IndexRecord(
-                    key=key,
-                    status=result.status,
-                    reason=result.reason,
-                    sha256=result.sha256,
-                    width=result.width,
-                    height=result.height,
-                    format=result.format,
-                    error=result.error,
-                    attempts=result.attempts,
-                )
-            )
+            self.store.record(IndexRecord(key=key, **{name: getattr(result, name) for name in _REMEMBERED}))
         return result
 
     def _keep(self, data: bytes, attempts: int) -> ImageResult:

@@ -285,3 +285,34 @@ def test_cli_prepare_on_the_sample(tmp_path):
     assert (
         json.loads((tmp_path / "o" / "stats.json").read_text())["images_kept"] == summary["images_kept"] > 0
     )
+
+
+def test_a_killed_prepare_leaves_nothing_after_the_rerun(tmp_path):
+    """SIGKILL mid-run leaves its staging folder; the next run sweeps it and writes the same outputs."""
+    import signal
+
+    out = tmp_path / "out"
+    script = (
+        "import os, signal\n"
+        "from viscon_hub.prepare import driver\n"
+        "def die(self):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "driver._Output.commit = die\n"
+        f"driver.prepare(driver.PrepareConfig(output={str(out)!r}, limit=5, fetch_images=False))\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    left = list(out.glob(".staging-*"))
+    assert len(left) == 1 and any(left[0].iterdir()), "the killed run's staging folder is there"
+
+    # A live writer's folder (a concurrent shard) is not touched by the sweep.
+    from viscon_hub.fsutil import StagingDir
+
+    live = StagingDir(out)
+    prepare(PrepareConfig(output=str(out), limit=5, fetch_images=False))
+    assert [p.name for p in out.glob(".staging-*")] == [live.path.name]
+    live.remove()
+    fresh = tmp_path / "fresh"
+    prepare(PrepareConfig(output=str(fresh), limit=5, fetch_images=False))
+    part = "contexts/part-00000-of-00001.parquet"
+    assert pq.read_table(out / part).equals(pq.read_table(fresh / part))

@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -31,7 +29,7 @@ import pyarrow.parquet as pq
 
 from viscon_hub import __version__
 from viscon_hub.errors import ConfigError
-from viscon_hub.fsutil import is_local, write_shard_stats
+from viscon_hub.fsutil import StagingDir, is_local, write_shard_stats
 from viscon_hub.prepare.contexts import extract_contexts
 from viscon_hub.prepare.filters import FilterConfig, Filters
 from viscon_hub.prepare.images import FetchPolicy, ImageStore, acquire_images_sync
@@ -376,7 +374,8 @@ class _Output:
         if self.local:
             Path(self.root).mkdir(parents=True, exist_ok=True)
         # Staged beside the target so that the final rename stays on one filesystem.
-        self.staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root if self.local else None))
+        self._staging = StagingDir(self.root if self.local else None)
+        self.staging = self._staging.path
         self.name = f"part-{config.shard_name}.parquet"
         self.parquet_path = self.staging / self.name
         self.writer = pq.ParquetWriter(self.parquet_path, IMAGE_CONTEXT_SCHEMA, compression="zstd")
@@ -407,7 +406,7 @@ class _Output:
         if not self._closed:
             self.writer.close()
             self.drops.close()
-        shutil.rmtree(self.staging, ignore_errors=True)
+        self._staging.remove()
 
 
 def _write_stats(config: PrepareConfig, summary: dict[str, Any]) -> None:

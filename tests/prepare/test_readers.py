@@ -121,3 +121,60 @@ def test_hub_streaming_reader_with_datasets(corpus, tmp_path):
     assert not set(halves[0]) & set(halves[1])
     assert sorted(halves[0] + halves[1]) == sorted(urls(rows))
     assert len(list(read_rows(f"hub:{tmp_path / 'hubds'}", limit=4))) == 4
+
+
+def _flaky_parquet(monkeypatch, *, fail_at: int, times: int):
+    """Make the datasets Parquet reader raise ConnectionError at its ``fail_at``-th table, ``times`` times."""
+    import importlib
+
+    module = importlib.import_module("datasets.packaged_modules.parquet.parquet")
+    original = module.Parquet._generate_tables
+    seen = {"tables": 0, "failed": 0}
+
+    def flaky(self, *args, **kwargs):
+        for item in original(self, *args, **kwargs):
+            seen["tables"] += 1
+            if seen["tables"] == fail_at and seen["failed"] < times:
+                seen["failed"] += 1
+                seen["tables"] -= 1
+                raise ConnectionError("connection reset by peer")
+            yield item
+
+    monkeypatch.setattr(module.Parquet, "_generate_tables", flaky)
+    return seen
+
+
+def _hub_folder(tmp_path):
+    folder = tmp_path / "hubds" / "data"
+    folder.mkdir(parents=True)
+    for part, rows in enumerate((range(0, 6), range(6, 10))):
+        write_parquet(folder / f"train-0000{part}-of-00002.parquet", [good_row(i) for i in rows])
+    return f"hub:{tmp_path / 'hubds'}"
+
+
+def test_a_broken_hub_stream_resumes_where_it_stopped(tmp_path, monkeypatch):
+    from viscon_hub.prepare import readers
+    from viscon_hub.retry import Backoff
+
+    monkeypatch.setattr(readers, "HUB_STREAM_BACKOFF", Backoff(base_s=0.0, max_s=0.0, max_attempts=3))
+    source = _hub_folder(tmp_path)
+    expected = urls(read_rows(source))
+    seen = _flaky_parquet(monkeypatch, fail_at=2, times=2)  # the second file breaks, twice
+    rows = list(read_rows(source))
+    assert seen["failed"] == 2
+    assert urls(rows) == expected, "every row once, in order, after two resumptions"
+    assert [r.row for r in rows] == list(range(10))
+
+
+def test_a_hub_stream_that_keeps_breaking_is_one_clear_error(tmp_path, monkeypatch):
+    from viscon_hub.errors import SourceError
+    from viscon_hub.prepare import readers
+    from viscon_hub.retry import Backoff
+
+    monkeypatch.setattr(readers, "HUB_STREAM_BACKOFF", Backoff(base_s=0.0, max_s=0.0, max_attempts=3))
+    source = _hub_folder(tmp_path)
+    _flaky_parquet(monkeypatch, fail_at=2, times=99)
+    got = []
+    with pytest.raises(SourceError, match=r"failed after row 6 and 3 attempts: connection reset.*run again"):
+        got.extend(read_rows(source))
+    assert len(got) == 6, "the rows read before the break were handed out once"

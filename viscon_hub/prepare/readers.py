@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import re
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ import fsspec
 from viscon_hub.errors import ConfigError, MissingDependencyError, SourceError, VisconError, redact
 from viscon_hub.fsutil import is_local, protocol_of
 from viscon_hub.resources import PACKAGE_DATA
+from viscon_hub.retry import Backoff
 
 logger = logging.getLogger(__name__)
 
@@ -290,7 +292,23 @@ def _raw(data: Any, file: str, index: int, base: str) -> RawRow:
     )
 
 
-def _hub_rows(spec: SourceSpec, num_shards: int, shard_index: int) -> Iterator[RawRow]:
+HUB_STREAM_BACKOFF = Backoff(base_s=2.0, max_s=60.0, max_attempts=6)
+"""Retries of a broken Hub stream, each resumed where it stopped; progress resets the count."""
+
+
+def _transient(e: BaseException) -> bool:
+    """A network failure worth resuming after: a dropped connection, a timeout, HTTP 429 or 5xx."""
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if isinstance(status, int):
+        return status == 429 or status >= 500
+    return isinstance(e, (ConnectionError, TimeoutError)) or (
+        isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError))
+    )
+
+
+def _hub_rows(
+    spec: SourceSpec, num_shards: int, shard_index: int, *, backoff: Backoff | None = None
+) -> Iterator[RawRow]:
     import datasets
     from datasets.distributed import split_dataset_by_node
 
@@ -304,5 +322,34 @@ def _hub_rows(spec: SourceSpec, num_shards: int, shard_index: int) -> Iterator[R
         # Whole data files go to nodes when they divide evenly, else rows are dealt out: disjoint either way.
         ds = split_dataset_by_node(ds, rank=shard_index, world_size=num_shards)
     name = f"hub:{spec.location}" + (f"#shard-{shard_index}-of-{num_shards}" if num_shards > 1 else "")
-    for index, data in enumerate(ds):
-        yield RawRow(data=data, source=name, row=index, base=None)
+    # A stream of millions of rows meets a dropped connection sooner or later: resume from the state
+    # after the last row handed out (datasets' resumable IterableDataset) instead of ending the run.
+    backoff = backoff or HUB_STREAM_BACKOFF
+    index, state, failures = 0, None, 0
+    while True:
+        if state is not None:
+            ds.load_state_dict(state)
+        try:
+            for data in ds:
+                yield RawRow(data=data, source=name, row=index, base=None)
+                index += 1
+                state, failures = ds.state_dict(), 0
+            return
+        except Exception as e:
+            if not _transient(e):
+                raise
+            failures += 1
+            if not backoff.retry(failures):
+                raise SourceError(
+                    f"reading {redact(name)} failed after row {index} and {failures} attempts: "
+                    f"{redact(str(e), limit=200)}; check the network and run again"
+                ) from e
+            wait = backoff.delay(failures)
+            logger.warning(
+                "reading %s broke after row %d (%s); resuming in %.0fs",
+                redact(name),
+                index,
+                type(e).__name__,
+                wait,
+            )
+            time.sleep(wait)

@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from tests.servers.openai_server import OpenAITestServer
-from viscon_hub.engine import Engine, EngineConfig, GenerationCache, Request, make_backend
+from tests.engine.conftest import engine_for
+from tests.engine.conftest import qa_request as req
+from viscon_hub.engine import Engine, GenerationCache, make_backend
 from viscon_hub.engine.backends.openai_batch import (
     BatchFilesWritten,
     batch_line,
@@ -15,28 +16,6 @@ from viscon_hub.engine.backends.openai_batch import (
 )
 
 pytest.importorskip("openai")
-
-
-@pytest.fixture
-def server():
-    with OpenAITestServer() as s:
-        yield s
-
-
-def req(i, text="Write <Human> questions about this caption: a red mug on a desk."):
-    return Request.create(
-        stage="qa_freeform",
-        model="viscon-test-llm",
-        template_id="qa_freeform",
-        template_version=1,
-        messages=[{"role": "user", "content": f"{text} #{i}"}],
-        sampling={"temperature": 0.0, "max_tokens": 400},
-    )
-
-
-def engine_for(tmp_path, **kw):
-    config = EngineConfig(backoff_base_s=0.01, backoff_max_s=0.05, jitter_seed=0, **kw)
-    return Engine(cache=GenerationCache(tmp_path / "cache"), config=config)
 
 
 def batch_backend(server, tmp_path, **kw):

@@ -57,6 +57,10 @@ def test_the_build_joins_its_stages_through_its_work_folder():
     ):
         with pytest.raises(ConfigError, match=rf"{section}\.{key}: expected it left out.*got"):
             from_mapping(BuildConfig, {section: {key: value}, "merge": {"configs": ["leaky"]}})
+    # A generate that writes no records (a dry run, batch files only) cannot feed a merge.
+    for flag in ("dry_run", "batch_file_only"):
+        with pytest.raises(ConfigError, match=rf"generate\.{flag}: expected false in a build"):
+            from_mapping(BuildConfig, {"generate": {flag: True, "caption_model": "openai-batch:gpt-4o"}})
     with pytest.raises(ConfigError, match="generate.engine.offline"):
         from_mapping(BuildConfig, {"offline": False, "generate": {"engine": {"offline": True}}})
     # The engine's offline switch alone also makes the build offline.

@@ -97,6 +97,18 @@ class BuildConfig:
         if not self.output:
             raise ConfigError("--output must name a folder")
         gen = self.generate
+        # A build merges what generate wrote: a generate that writes no records cannot be part of one.
+        for name, instead in (
+            ("dry_run", "`viscon prepare`, then `viscon generate --dry-run` for the plan and its cost"),
+            (
+                "batch_file_only",
+                "`viscon generate --batch-file-only`, then give the results files as generate.batch_results",
+            ),
+        ):
+            if getattr(gen, name):
+                raise ConfigError(
+                    f"generate.{name}: expected false in a build, which needs the replies; use {instead}"
+                )
         quickstart = self.prepare.source is None and not gen.models_named
         if quickstart:
             from viscon_hub.resources import BUNDLED_CACHE

@@ -34,11 +34,11 @@ def load_data(folder: str | Path):
     from datasets import load_dataset
 
     folder = Path(folder)
-    files = {s: str(p) for s in ("train", "test") if (p := folder / f"{s}-00000-of-00001.parquet").is_file()}
+    # The export writes each split as shards <split>-NNNNN-of-MMMMM.parquet (none for a split without rows).
+    files = {s: sorted(str(p) for p in folder.glob(f"{s}-*-of-*.parquet")) for s in ("train", "test")}
+    files = {s: f for s, f in files.items() if f}
     if "train" not in files:
-        raise SystemExit(
-            f"{folder} holds no train-00000-of-00001.parquet: run `viscon export --format captioner`"
-        )
+        raise SystemExit(f"{folder} holds no train-*.parquet shard: run `viscon export --format captioner`")
     return load_dataset("parquet", data_files=files)
 
 

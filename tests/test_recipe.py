@@ -90,6 +90,7 @@ def test_every_stage_command_takes_the_recipe(capsys):
         "format": "idefics",
         "output": "viscon-llava",
         "split": None,
+        "max_shard_size": 500_000_000,
     }
 
 

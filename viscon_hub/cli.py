@@ -177,6 +177,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         format=config.format,
         output=config.output,
         split=config.split,
+        max_shard_size=config.max_shard_size,
     )
     print(json.dumps(result))
     return 0
@@ -316,10 +317,11 @@ COMMANDS = (
     Command(
         "export",
         "viscon_hub.publish.options:ExportConfig",
-        ("dataset", "config", "format", "output", "split"),
+        ("dataset", "config", "format", "output", "split", "max_shard_size"),
         "_cmd_export",
         "write a built config in a trainer's format (llava, idefics, messages, llamafactory)",
-        "Convert one config of a built dataset folder into the format a training codebase reads.",
+        "Convert one config of a built dataset folder into the format a training codebase reads. The Parquet "
+        "formats write shards <config>_<format>/<split>-NNNNN-of-MMMMM.parquet of at most --max-shard-size.",
     ),
     Command(
         "card",

@@ -323,7 +323,7 @@ def test_extra_configs_and_exports(tmp_path):
     extra = [
         {
             "config_name": "leaky_idefics",
-            "data_files": [{"split": "train", "path": "leaky_idefics/train-00000-of-00001.parquet"}],
+            "data_files": [{"split": "train", "path": "leaky_idefics/train-*.parquet"}],
         }
     ]
     exports = {

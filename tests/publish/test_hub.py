@@ -113,6 +113,29 @@ def test_push_with_idefics_and_llava_exports(hub_server, dataset):
         push(dataset=dataset, repo=REPO, formats=("parquet",))
 
 
+def test_push_uploads_idefics_shards_and_a_later_push_removes_stale_ones(hub_server, dataset):
+    report = push(dataset=dataset, repo=REPO, formats=("idefics",), max_shard_size="200KB")
+    remote = hub_server.files(REPO, "main")
+    sharded = sorted(p for p in remote if p.startswith("leaky_idefics/"))
+    train = [p for p in sharded if p.startswith("leaky_idefics/train-")]
+    assert len(train) >= 3 and train[-1].endswith(f"-of-{len(train):05d}.parquet")
+    readme = remote["README.md"].decode()
+    assert "path: leaky_idefics/train-*.parquet" in readme
+    ds = _load(REPO, "leaky_idefics")
+    local = _load(str(dataset), "leaky")
+    assert {s: ds[s].num_rows for s in ds} == {s: local[s].num_rows for s in SPLITS}
+    assert ds["train"][0]["images"][0].size == local["train"][0]["image"].size
+    # One shard per split now: the shards of the first push are deleted, not left beside them.
+    again = push(dataset=dataset, repo=REPO, formats=("idefics",))
+    remote = hub_server.files(REPO, "main")
+    assert sorted(p for p in remote if p.startswith("leaky_idefics/")) == [
+        "leaky_idefics/test-00000-of-00001.parquet",
+        "leaky_idefics/train-00000-of-00001.parquet",
+    ]
+    assert set(sharded) - set(remote) <= set(again.deleted) and report.added
+    assert _load(REPO, "leaky_idefics")["train"].num_rows == local["train"].num_rows
+
+
 def test_cache_round_trip_rebuilds_with_zero_calls(hub_server, quickstart_build, tmp_path, monkeypatch):
     from viscon_hub.build.driver import BuildConfig, build
     from viscon_hub.build.merge import MergeConfig

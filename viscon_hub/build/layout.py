@@ -81,36 +81,66 @@ def parse_configs(spec: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(c for c in ALL_CONFIGS if c in names)
 
 
-def data_path(config: str, split: str, index: int = 0, count: int = 1) -> str:
-    """Shard ``index`` of ``count`` of a config's split, relative to the dataset folder."""
+def _check_split(split: str) -> str:
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    return split
+
+
+def shard_name(split: str, index: int = 0, count: int = 1) -> str:
+    """The file name of shard ``index`` of ``count`` of a split, in any folder of shards (a config's
+    folder of a build, an export's ``<config>_<format>`` folder): ``<split>-NNNNN-of-MMMMM.parquet``.
+
+    >>> shard_name("train", 1, 3)
+    'train-00001-of-00003.parquet'
+    """
+    _check_split(split)
     if not 0 <= index < count:
         raise ConfigError(f"shard {index} of {count} does not exist")
-    return f"{check_config(config)}/{split}-{index:05d}-of-{count:05d}.parquet"
+    return f"{split}-{index:05d}-of-{count:05d}.parquet"
+
+
+def shard_glob(split: str) -> str:
+    """The pattern every shard of a split matches inside its folder (``datasets`` data_files)."""
+    return f"{_check_split(split)}-*.parquet"
+
+
+def data_path(config: str, split: str, index: int = 0, count: int = 1) -> str:
+    """Shard ``index`` of ``count`` of a config's split, relative to the dataset folder."""
+    name = shard_name(split, index, count)
+    return f"{check_config(config)}/{name}"
 
 
 def data_glob(config: str, split: str) -> str:
     """The pattern every shard of a config's split matches (what the README front matter declares)."""
-    if split not in SPLITS:
-        raise ConfigError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    return f"{check_config(config)}/{split}-*.parquet"
+    pattern = shard_glob(split)
+    return f"{check_config(config)}/{pattern}"
 
 
 _SHARD = re.compile(r"^(?P<split>[a-z]+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.parquet$")
 
 
-def data_files(folder, config: str, split: str) -> list[str]:
-    """The shards of a config's split that exist under ``folder``, relative paths in shard order."""
-    base = Path(folder, check_config(config))
+def is_shard(name: str, split: str | None = None) -> bool:
+    """Whether a file name is a shard (of ``split``, when given).
+
+    >>> is_shard("test-00000-of-00002.parquet", "test"), is_shard("test-00000-of-00002.parquet", "train")
+    (True, False)
+    """
+    m = _SHARD.match(name)
+    return m is not None and (split is None or m["split"] == split)
+
+
+def shard_files(folder, split: str) -> list[str]:
+    """The names of the shards of a split in one folder of shards, in shard order ([] without it)."""
+    base = Path(folder)
     if not base.is_dir():
         return []
-    found = []
-    for p in base.iterdir():
-        m = _SHARD.match(p.name)
-        if m and m["split"] == split and p.is_file():
-            found.append(f"{config}/{p.name}")
-    return sorted(found)
+    return sorted(p.name for p in base.iterdir() if is_shard(p.name, split) and p.is_file())
+
+
+def data_files(folder, config: str, split: str) -> list[str]:
+    """The shards of a config's split that exist under ``folder``, relative paths in shard order."""
+    return [f"{config}/{name}" for name in shard_files(Path(folder, check_config(config)), split)]
 
 
 def split_score(page_url: str | None, document_id: str) -> float:
@@ -274,10 +304,14 @@ __all__ = [
     "data_glob",
     "data_path",
     "features_for",
+    "is_shard",
     "mix_features",
     "parse_configs",
     "parse_size",
     "per_image_features",
+    "shard_files",
+    "shard_glob",
+    "shard_name",
     "split_score",
     "write_minimal_readme",
 ]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -37,7 +38,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from viscon_hub.build.layout import ALL_CONFIGS, DEFAULT_MAX_SHARD_SIZE, SPLITS
+from viscon_hub.build.layout import ALL_CONFIGS, DEFAULT_MAX_SHARD_SIZE, SPLITS, is_shard, shard_name
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +53,16 @@ ROW_TEXT_BYTES = 1024
 
 
 def image_row_bytes(row: dict[str, Any]) -> int:
-    """A row's size for cutting row groups and shards: its image bytes plus an allowance for its text."""
-    image = row.get("image")
-    data = image.get("bytes") if isinstance(image, dict) else None
-    return (len(data) if data else 0) + ROW_TEXT_BYTES
+    """A row's size for cutting row groups and shards: the bytes of its ``image`` (a built config) or
+    of its ``images`` (the Parquet exports) plus an allowance for its text.
+
+    >>> image_row_bytes({"image": {"bytes": b"12345"}}), image_row_bytes({"images": [{"bytes": b"12"}] * 2})
+    (1029, 1028)
+    """
+    images = row.get("images")
+    images = [*images, row.get("image")] if isinstance(images, list) else [row.get("image")]
+    data = sum(len(im.get("bytes") or b"") for im in images if isinstance(im, dict))
+    return data + ROW_TEXT_BYTES
 
 
 class _Open:
@@ -164,7 +171,7 @@ class ShardWriter:
             config, split = key
             count = self.shards[config][split]
             for i in range(count):
-                final = self.root / config / f"{split}-{i:05d}-of-{count:05d}.parquet"
+                final = self.root / config / shard_name(split, i, count)
                 self._partial(key, i).replace(final)
                 self.bytes[config] += final.stat().st_size
 
@@ -212,4 +219,41 @@ def swap_in(staging: Path, out: Path, configs: Iterable[str]) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
-__all__ = ["ROW_GROUP", "ShardWriter", "fresh_staging", "image_row_bytes", "swap_in", "write_build_info"]
+def replace_splits(new: Path, target: Path, splits: Iterable[str]) -> None:
+    """Make the folder of shards ``new`` the folder ``target``, in two renames.
+
+    ``target`` ends with exactly the shards of ``splits`` that ``new`` holds (none from an earlier
+    run with another shard count survive), while its other files, e.g. the shards of a split not
+    written this time, are carried over (hard links). A run killed between the renames leaves
+    ``target`` missing, never a half file or a mix of two runs' shards; the old folder is then under
+    ``.<name>.old`` beside it, which the next run removes. A ``target`` left empty is removed.
+    """
+    splits = set(splits)
+    new.mkdir(parents=True, exist_ok=True)
+    if target.is_dir():
+        for p in target.iterdir():
+            if p.is_file() and not any(is_shard(p.name, s) for s in splits) and not (new / p.name).exists():
+                try:
+                    os.link(p, new / p.name)
+                except OSError:
+                    shutil.copy2(p, new / p.name)
+    old = target.with_name(f".{target.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        target.replace(old)
+    new.replace(target)
+    shutil.rmtree(old, ignore_errors=True)
+    if not any(target.iterdir()):
+        target.rmdir()
+
+
+__all__ = [
+    "ROW_GROUP",
+    "ShardWriter",
+    "fresh_staging",
+    "image_row_bytes",
+    "replace_splits",
+    "swap_in",
+    "write_build_info",
+]

@@ -14,7 +14,8 @@ Hub exports (see :func:`viscon_hub.publish.hub.stage_push`) are described with t
 ``extra_configs``
     more ``configs:`` entries, appended after the built ones, each ``{"config_name": str,
     "data_files": [{"split": str, "path": str}, ...]}`` (no ``default``; ``leaky`` stays the
-    default). A name may not repeat a built config.
+    default); a path may be a glob such as ``leaky_idefics/train-*.parquet``, as a push of a
+    sharded export declares it. A name may not repeat a built config.
 ``exports``
     ``{"formats": ["idefics", "llava"], "idefics_configs": ["leaky_idefics", ...],
     "llava": {"leaky": ["leaky_train.json", "leaky_test.json", "images.tar"], ...},

@@ -29,12 +29,15 @@ from typing import Any, TypeVar
 from viscon_hub.build.layout import (
     ALL_CONFIGS,
     BUILD_INFO,
+    DEFAULT_MAX_SHARD_SIZE,
     MIXES,
     NON_CONTEXTUAL_MIXES,
     SPLITS,
     config_mix,
     data_files,
     data_glob,
+    shard_files,
+    shard_glob,
 )
 from viscon_hub.errors import ConfigError, VisconError, redact
 from viscon_hub.retry import Backoff, parse_retry_after
@@ -329,9 +332,17 @@ def _built_configs(dataset: Path) -> list[str]:
 
 
 def stage_push(
-    dataset: str | os.PathLike[str], staging: Path, *, repo: str, formats: Iterable[str] = ()
+    dataset: str | os.PathLike[str],
+    staging: Path,
+    *,
+    repo: str,
+    formats: Iterable[str] = (),
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
 ) -> list[dict[str, Any]]:
-    """Lay out in ``staging`` everything a push uploads; return the extra config entries of exports."""
+    """Lay out in ``staging`` everything a push uploads; return the extra config entries of exports.
+
+    The IDEFICS export of each mix is uploaded as shards of at most ``max_shard_size`` bytes.
+    """
     from viscon_hub.publish.card import make_card
 
     root = Path(dataset)
@@ -352,19 +363,31 @@ def stage_push(
     exports: dict[str, Any] = {}
     if formats:
         from viscon_hub.publish.exports import export
-        from viscon_hub.publish.exports.idefics import idefics_data_path
+        from viscon_hub.publish.exports.idefics import idefics_config_name
 
         with _staging("viscon-export-") as tmp:
             for c in mixes:
                 if "idefics" in formats:
                     out = Path(tmp, "idefics", c)
-                    export(dataset=str(root), config=c, format="idefics", output=str(out))
-                    entry = {"config_name": f"{c}_idefics", "data_files": []}
-                    for s in SPLITS:
-                        target = idefics_data_path(c, s)
-                        if (out / target).is_file():
-                            _link(out / target, staging / target)
-                            entry["data_files"].append({"split": s, "path": target})
+                    summary = export(
+                        dataset=str(root),
+                        config=c,
+                        format="idefics",
+                        output=str(out),
+                        max_shard_size=max_shard_size,
+                    )
+                    name = idefics_config_name(c)
+                    for path in summary["files"]:
+                        _link(out / path, staging / path)
+                    # A glob per split, as the built configs declare: whatever shards a push uploads.
+                    entry = {
+                        "config_name": name,
+                        "data_files": [
+                            {"split": s, "path": f"{name}/{shard_glob(s)}"}
+                            for s in SPLITS
+                            if shard_files(out / name, s)
+                        ],
+                    }
                     extra_configs.append(entry)
                 if "llava" in formats:
                     out = Path(tmp, "llava", c)
@@ -465,8 +488,12 @@ def push(
     token: str | None = None,
     dry_run: bool = False,
     message: str | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
 ) -> PushReport:
     """Upload every config (train and test Parquet, images embedded), the card and its plots.
+
+    ``formats`` adds exports of each mix; the Parquet ones go up as shards of at most
+    ``max_shard_size`` bytes (default 500MB, as ``push_to_hub``).
 
     >>> push(dataset="viscon", repo="org/viscon")  # doctest: +SKIP
     """
@@ -478,7 +505,7 @@ def push(
     report = PushReport(repo=repo, revision=revision, dry_run=dry_run)
     with _staging("viscon-push-") as tmp:
         staging = Path(tmp)
-        stage_push(dataset, staging, repo=repo, formats=formats)
+        stage_push(dataset, staging, repo=repo, formats=formats, max_shard_size=max_shard_size)
         api = HfApi(token=token)
         if not dry_run:
             _ensure_repo(api, repo, revision, private=private, token=token, report=report)
@@ -523,6 +550,7 @@ def release(
     formats: Iterable[str] = (),
     token: str | None = None,
     dry_run: bool = False,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
 ) -> PushReport:
     """Push, then tag the resulting Hub revision ``vX.Y.Z``; refuse a version that is already tagged."""
     from huggingface_hub import HfApi
@@ -549,6 +577,7 @@ def release(
         token=token,
         dry_run=dry_run,
         message=f"Release {tag}",
+        max_shard_size=max_shard_size,
     )
     report.tag = tag
     if dry_run:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from viscon_hub.build.layout import DEFAULT_MAX_SHARD_SIZE
 from viscon_hub.errors import ConfigError
-from viscon_hub.recipe import opt
+from viscon_hub.recipe import opt, parse_size
 
 EXPORT_FORMATS = ("llava", "idefics", "messages", "llamafactory", "captioner")
 
@@ -38,10 +39,16 @@ class ExportConfig:
     )
     output: str = opt(help="folder to write the export into", local=True)
     split: str | None = opt(None, "one split only (default: every split)")
+    max_shard_size: int = opt(
+        DEFAULT_MAX_SHARD_SIZE,
+        "largest Parquet shard of the idefics, messages and captioner exports, e.g. 500MB or 200KB",
+        size=True,
+    )
 
     def __post_init__(self) -> None:
         _need(self.dataset, "--dataset")
         _need(self.output, "--output")
+        object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
         if self.format not in EXPORT_FORMATS:
             raise ConfigError(f"--format: expected one of {', '.join(EXPORT_FORMATS)}; got {self.format!r}")
 

@@ -7,11 +7,16 @@ hands the rows to one format module:
 format         writes (under ``output``)                                                   trainer
 =============  ==========================================================================  ===========
 llava          ``<config>_<split>.json`` + ``images/<sha256>.<ext>``                       LLaVA
-idefics        ``<config>_idefics/<split>-00000-of-00001.parquet`` (images embedded)        IDEFICS2
-messages       ``<config>_messages/<split>-00000-of-00001.parquet`` (images embedded)       TRL
+idefics        ``<config>_idefics/<split>-NNNNN-of-MMMMM.parquet`` (images embedded)        IDEFICS2
+messages       ``<config>_messages/<split>-NNNNN-of-MMMMM.parquet`` (images embedded)       TRL
 llamafactory   ``<config>_<split>.json`` + ``images/`` + ``dataset_info.json``               LLaMA-Factory
-captioner      ``<config>_captioner/<split>-00000-of-00001.parquet`` (a per-image config)   TRL SFT
+captioner      ``<config>_captioner/<split>-NNNNN-of-MMMMM.parquet`` (a per-image config)   TRL SFT
 =============  ==========================================================================  ===========
+
+The Parquet formats write shards of at most ``max_shard_size`` bytes (default 500MB, as a build and
+``push_to_hub``), named like a build's, so ``load_dataset("<output>/<config>_idefics")`` loads
+the splits with their ``Image`` features and a Hub push uploads them as they are. A split without
+rows gets no shard. The JSON formats write one file per split, which is what their trainers read.
 
 Every file is a pure function of the input rows: no absolute path, no timestamp, so two exports of
 one build are byte-identical. A row a trainer would choke on (a literal ``<image>`` in its text,
@@ -28,16 +33,17 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Literal
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from viscon_hub.build.layout import (
+    DEFAULT_MAX_SHARD_SIZE,
     MIXES,
     NON_CONTEXTUAL_MIXES,
     PER_IMAGE_CONFIGS,
@@ -45,13 +51,18 @@ from viscon_hub.build.layout import (
     check_config,
     data_files,
     data_glob,
+    parse_size,
+    shard_name,
 )
+from viscon_hub.build.writer import ShardWriter, replace_splits
 from viscon_hub.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 Format = Literal["llava", "idefics", "messages", "llamafactory", "captioner"]
 FORMATS: tuple[str, ...] = ("llava", "idefics", "messages", "llamafactory", "captioner")
+# The formats written as Parquet shards (the others are JSON files a trainer reads whole).
+PARQUET_FORMATS: tuple[str, ...] = ("idefics", "messages", "captioner")
 # Image datasets use 100-row Parquet row groups (the datasets default for images): a batch of rows
 # with embedded images stays a few tens of MB in memory.
 BATCH_ROWS = 100
@@ -71,10 +82,15 @@ def export(
     format: str,
     output: str | os.PathLike[str],
     split: str | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> dict[str, Any]:
     """Write one mix of a built dataset folder in a trainer's format; return a summary.
 
-    The summary holds ``format``, ``config``, ``splits``, ``files`` (paths relative to ``output``),
+    ``max_shard_size`` (bytes, or a size such as ``200KB``) bounds each Parquet shard of the
+    Parquet formats; the JSON formats ignore it.
+
+    The summary holds ``format``, ``config``, ``splits``, ``files`` (paths relative to ``output``,
+    every shard of the Parquet formats),
     ``rows`` written per split, ``skipped`` rows per reason and, for the formats with an image folder,
     ``images`` (distinct image files referenced).
 
@@ -84,6 +100,7 @@ def export(
     """
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}; expected one of {', '.join(FORMATS)}")
+    max_shard_size = parse_size(max_shard_size)
     root = Path(dataset)
     if format == "captioner":
         from viscon_hub.publish.exports import captioner
@@ -109,7 +126,8 @@ def export(
         from viscon_hub.publish.exports import captioner as module
     else:
         from viscon_hub.publish.exports import llamafactory as module
-    result = module.write(source, splits=splits, output=out)
+    options = {"max_shard_size": max_shard_size} if format in PARQUET_FORMATS else {}
+    result = module.write(source, splits=splits, output=out, **options)
     summary = {"format": format, "config": config, "splits": list(splits), **result}
     logger.info("exported %s as %s: %s", config, format, summary["rows"])
     return summary
@@ -318,38 +336,56 @@ def write_json_splits(
 
 
 def write_parquet_splits(
-    source: Source, *, splits, output: Path, features, to_row, data_path
+    source: Source, *, splits, output: Path, features, to_row, folder: str, max_shard_size: int
 ) -> dict[str, Any]:
-    """``data_path(config, split)`` Parquet per split of ``to_row(row)`` per kept row; the summary part."""
+    """``<folder>/<split>-NNNNN-of-MMMMM.parquet`` shards of ``to_row(row)`` per kept row; the summary part."""
     tally = Tally()
-    files = []
 
     def rows(split: str) -> Iterator[list[dict[str, Any]]]:
         for batch in source.batches(split):
             yield [to_row(r) for r in batch if tally.keep(r)]
 
-    for split in splits:
-        path = data_path(source.config, split)
-        tally.rows[split] = write_parquet(output / path, features, rows(split))
-        files.append(path)
-    return {"files": sorted(files), **tally.summary()}
+    counts, files = write_parquet(
+        output, folder, features, {s: rows(s) for s in splits}, max_shard_size=max_shard_size
+    )
+    tally.rows.update(counts)
+    return {"files": files, **tally.summary()}
 
 
 def write_parquet(
-    path: Path, features: Any, batches: Iterator[list[dict[str, Any]]], *, compression: str = "zstd"
-) -> int:
-    """Write row batches to one Parquet file whose schema carries ``features`` (so datasets restores
-    ``Image`` columns); return the row count. An empty split still gets a file with the schema.
+    output: Path,
+    folder: str,
+    features: Any,
+    splits: dict[str, Iterable[list[dict[str, Any]]]],
+    *,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+) -> tuple[dict[str, int], list[str]]:
+    """Write each split's row batches as shards ``<folder>/<split>-NNNNN-of-MMMMM.parquet`` of at most
+    ``max_shard_size`` bytes under ``output``; return rows per split and the files (relative, sorted).
+
+    The build's :class:`~viscon_hub.build.writer.ShardWriter` cuts the shards (one batch in memory at
+    a time) in ``<output>/.<folder>.staging``; the finished folder then replaces ``<output>/<folder>``
+    (:func:`~viscon_hub.build.writer.replace_splits`), so shards of an earlier export of these splits
+    never outlive it and a killed export leaves no half file under a final name. The schema carries
+    ``features``, so datasets restores ``Image`` columns. A split without rows gets no file, as in a
+    build: ``load_dataset`` on the folder fails on a Parquet file of 0 rows.
     """
-    schema = features.arrow_schema
-    count = 0
-    with atomic_path(path) as tmp:
-        with pq.ParquetWriter(tmp, schema, compression=compression) as w:
+    staging = output / f".{folder}.staging"
+    if staging.exists():
+        shutil.rmtree(staging)  # what a killed export left
+    writer = ShardWriter(staging, {folder: features.arrow_schema}, max_shard_size=max_shard_size)
+    try:
+        for split, batches in splits.items():
             for rows in batches:
-                if rows:
-                    w.write_table(pa.Table.from_pylist(rows, schema=schema), row_group_size=BATCH_ROWS)
-                    count += len(rows)
-    return count
+                writer.add(folder, split, rows)
+        writer.close()
+        replace_splits(staging / folder, output / folder, splits)
+    finally:
+        writer.abort()  # closes what is still open and removes the staging folder
+    counts = {s: writer.counts[folder][s] for s in splits}
+    shards = writer.shards[folder]
+    files = sorted(f"{folder}/{shard_name(s, i, shards[s])}" for s in splits for i in range(shards[s]))
+    return counts, files
 
 
 class Tally:
@@ -375,6 +411,7 @@ __all__ = [
     "BATCH_ROWS",
     "FORMATS",
     "IMAGE_FOLDER",
+    "PARQUET_FORMATS",
     "PLACEHOLDERS",
     "ImageFolder",
     "Source",

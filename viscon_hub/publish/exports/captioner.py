@@ -3,7 +3,7 @@
 One row per image of a per-image config (``contextual``, or ``non_contextual``), in the TRL messages
 shape of the ``messages`` export::
 
-    <config>_captioner/<split>-00000-of-00001.parquet
+    <config>_captioner/<split>-NNNNN-of-MMMMM.parquet   shards of at most --max-shard-size
         images    [the image]
         messages  system: the caption prompt's system text
                   user: an image block, then the caption prompt's text (page URL, alt-text, the page
@@ -26,7 +26,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from viscon_hub.build.layout import PER_IMAGE_CONFIGS, SPLITS
+from viscon_hub.build.layout import DEFAULT_MAX_SHARD_SIZE, PER_IMAGE_CONFIGS, shard_name
 from viscon_hub.errors import ConfigError
 from viscon_hub.publish.exports import Source, Tally, embedded_image, write_parquet
 from viscon_hub.publish.exports.messages import features
@@ -36,15 +36,18 @@ COLUMNS = ("id", "image", "source_url", "alt_text", "context", "caption", "capti
 _TEMPLATES = {"contextual": "contextual_caption", "non_contextual": "non_contextual_caption"}
 
 
-def captioner_data_path(config: str, split: str) -> str:
-    """A per-image config's captioner Parquet file for a split, relative to the export folder."""
+def captioner_folder(config: str) -> str:
+    """The folder of a per-image config's captioner shards, relative to the export folder."""
     if config not in PER_IMAGE_CONFIGS:
         raise ConfigError(
             f"the captioner export reads a per-image config ({', '.join(PER_IMAGE_CONFIGS)}); got {config!r}"
         )
-    if split not in SPLITS:
-        raise ConfigError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    return f"{config}{SUFFIX}/{split}-00000-of-00001.parquet"
+    return f"{config}{SUFFIX}"
+
+
+def captioner_data_path(config: str, split: str, index: int = 0, count: int = 1) -> str:
+    """Shard ``index`` of ``count`` of a per-image config's captioner split, relative to the export folder."""
+    return f"{captioner_folder(config)}/{shard_name(split, index, count)}"
 
 
 def prompt_messages(row: dict[str, Any], template, mode: str) -> list[dict[str, Any]]:
@@ -71,8 +74,10 @@ def prompt_messages(row: dict[str, Any], template, mode: str) -> list[dict[str, 
     return out
 
 
-def write(source: Source, *, splits: Sequence[str], output: Path) -> dict[str, Any]:
-    """Write ``<config>_captioner/<split>-00000-of-00001.parquet`` per split; return the summary part."""
+def write(
+    source: Source, *, splits: Sequence[str], output: Path, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+) -> dict[str, Any]:
+    """Write the shards ``<config>_captioner/<split>-NNNNN-of-MMMMM.parquet``; return the summary part."""
     from viscon_hub.generate.prompts import load_template
 
     mode = source.config
@@ -104,12 +109,15 @@ def write(source: Source, *, splits: Sequence[str], output: Path) -> dict[str, A
                 out.append({"images": [embedded_image(row["image"])], "messages": messages})
             yield out
 
-    files = []
-    for split in splits:
-        path = captioner_data_path(source.config, split)
-        tally.rows[split] = write_parquet(output / path, features(), rows(split))
-        files.append(path)
-    return {"files": sorted(files), **tally.summary()}
+    counts, files = write_parquet(
+        output,
+        captioner_folder(source.config),
+        features(),
+        {s: rows(s) for s in splits},
+        max_shard_size=max_shard_size,
+    )
+    tally.rows.update(counts)
+    return {"files": files, **tally.summary()}
 
 
-__all__ = ["COLUMNS", "SUFFIX", "captioner_data_path", "prompt_messages", "write"]
+__all__ = ["COLUMNS", "SUFFIX", "captioner_data_path", "captioner_folder", "prompt_messages", "write"]

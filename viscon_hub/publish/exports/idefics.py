@@ -2,16 +2,16 @@
 
 Layout under the output folder (the same layout the Hub push gives the extra config)::
 
-    <config>_idefics/<split>-00000-of-00001.parquet
+    <config>_idefics/<split>-NNNNN-of-MMMMM.parquet   shards of at most --max-shard-size
         images  list of datasets Image (bytes embedded, path "<sha256>.<ext>")
         texts   list of {user, assistant, source}, one per round; source "viscon/<config>"
 
 As in the_cauldron, the texts hold no image placeholder: IDEFICS2's chat template puts the image
-(``{"type": "image"}``) in the first user turn itself. The file's schema carries datasets' Features,
-so ``load_dataset("parquet", data_files=...)`` gives back ``Image`` columns.
+(``{"type": "image"}``) in the first user turn itself. The shards' schema carries datasets' Features,
+so ``load_dataset("<output>/<config>_idefics")`` gives back ``Image`` columns.
 
->>> idefics_data_path("leaky", "train")
-'leaky_idefics/train-00000-of-00001.parquet'
+>>> idefics_data_path("leaky", "train", 1, 2)
+'leaky_idefics/train-00001-of-00002.parquet'
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from viscon_hub.build.layout import SPLITS, config_mix
+from viscon_hub.build.layout import DEFAULT_MAX_SHARD_SIZE, config_mix, shard_name
 from viscon_hub.errors import ConfigError
 from viscon_hub.publish.exports import Source, embedded_image, rounds, write_parquet_splits
 
@@ -50,15 +50,13 @@ def idefics_config_name(config: str) -> str:
     return f"{config}{SUFFIX}"
 
 
-def idefics_data_path(config: str, split: str) -> str:
-    """A mix's IDEFICS Parquet file for a split, relative to an export folder or a Hub repo.
+def idefics_data_path(config: str, split: str, index: int = 0, count: int = 1) -> str:
+    """Shard ``index`` of ``count`` of a mix's IDEFICS split, relative to an export folder or a Hub repo.
 
     >>> idefics_data_path("qa_only", "test")
     'qa_only_idefics/test-00000-of-00001.parquet'
     """
-    if split not in SPLITS:
-        raise ConfigError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    return f"{idefics_config_name(config)}/{split}-00000-of-00001.parquet"
+    return f"{idefics_config_name(config)}/{shard_name(split, index, count)}"
 
 
 def to_row(row: dict[str, Any], *, source: str) -> dict[str, Any]:
@@ -75,8 +73,10 @@ def to_row(row: dict[str, Any], *, source: str) -> dict[str, Any]:
     }
 
 
-def write(source: Source, *, splits: Sequence[str], output: Path) -> dict[str, Any]:
-    """Write ``<config>_idefics/<split>-00000-of-00001.parquet`` per split; return the summary part."""
+def write(
+    source: Source, *, splits: Sequence[str], output: Path, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+) -> dict[str, Any]:
+    """Write the shards ``<config>_idefics/<split>-NNNNN-of-MMMMM.parquet``; return the summary part."""
     name = f"viscon/{source.config}"
     return write_parquet_splits(
         source,
@@ -84,7 +84,8 @@ def write(source: Source, *, splits: Sequence[str], output: Path) -> dict[str, A
         output=output,
         features=features(),
         to_row=lambda r: to_row(r, source=name),
-        data_path=idefics_data_path,
+        folder=idefics_config_name(source.config),
+        max_shard_size=max_shard_size,
     )
 
 

@@ -2,7 +2,7 @@
 
 Layout under the output folder::
 
-    <config>_messages/<split>-00000-of-00001.parquet
+    <config>_messages/<split>-NNNNN-of-MMMMM.parquet   shards of at most --max-shard-size
         images    list of datasets Image (bytes embedded, path "<sha256>.<ext>")
         messages  list of {role, content: list of {type, text}}
 
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from viscon_hub.build.layout import SPLITS, config_mix
+from viscon_hub.build.layout import DEFAULT_MAX_SHARD_SIZE, config_mix, shard_name
 from viscon_hub.errors import ConfigError
 from viscon_hub.publish.exports import Source, embedded_image, write_parquet_splits
 
@@ -42,17 +42,20 @@ def features():
     )
 
 
-def messages_data_path(config: str, split: str) -> str:
-    """A mix's TRL messages Parquet file for a split, relative to the export folder.
+def messages_folder(config: str) -> str:
+    """The folder of a mix's TRL messages shards, relative to the export folder."""
+    if config_mix(config) is None:
+        raise ConfigError(f"config {config!r} is not a mix; export a mix such as leaky")
+    return f"{config}{SUFFIX}"
+
+
+def messages_data_path(config: str, split: str, index: int = 0, count: int = 1) -> str:
+    """Shard ``index`` of ``count`` of a mix's TRL messages split, relative to the export folder.
 
     >>> messages_data_path("leaky", "train")
     'leaky_messages/train-00000-of-00001.parquet'
     """
-    if config_mix(config) is None:
-        raise ConfigError(f"config {config!r} is not a mix; export a mix such as leaky")
-    if split not in SPLITS:
-        raise ConfigError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    return f"{config}{SUFFIX}/{split}-00000-of-00001.parquet"
+    return f"{messages_folder(config)}/{shard_name(split, index, count)}"
 
 
 def to_messages(messages: Sequence[dict[str, Any]], *, images: int) -> list[dict[str, Any]]:
@@ -76,11 +79,19 @@ def to_row(row: dict[str, Any]) -> dict[str, Any]:
     return {"images": images, "messages": to_messages(row["messages"], images=len(images))}
 
 
-def write(source: Source, *, splits: Sequence[str], output: Path) -> dict[str, Any]:
-    """Write ``<config>_messages/<split>-00000-of-00001.parquet`` per split; return the summary part."""
+def write(
+    source: Source, *, splits: Sequence[str], output: Path, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+) -> dict[str, Any]:
+    """Write the shards ``<config>_messages/<split>-NNNNN-of-MMMMM.parquet``; return the summary part."""
     return write_parquet_splits(
-        source, splits=splits, output=output, features=features(), to_row=to_row, data_path=messages_data_path
+        source,
+        splits=splits,
+        output=output,
+        features=features(),
+        to_row=to_row,
+        folder=messages_folder(source.config),
+        max_shard_size=max_shard_size,
     )
 
 
-__all__ = ["SUFFIX", "features", "messages_data_path", "to_messages", "to_row", "write"]
+__all__ = ["SUFFIX", "features", "messages_data_path", "messages_folder", "to_messages", "to_row", "write"]

@@ -203,6 +203,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
         "private": config.private,
         "formats": config.formats,
         "dry_run": config.dry_run,
+        "max_shard_size": config.max_shard_size,
     }
     if args.command == "release":
         if config.version is None:
@@ -238,7 +239,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-_PUSH_FLAGS = ("dataset", "repo", "revision", "private", "formats", "dry_run")
+_PUSH_FLAGS = ("dataset", "repo", "revision", "private", "formats", "dry_run", "max_shard_size")
 COMMANDS = (
     Command(
         "prepare",

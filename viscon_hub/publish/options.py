@@ -77,6 +77,11 @@ class PushConfig:
         (), "also push these exports of each mix: idefics, llava (comma-separated)", sep=","
     )
     dry_run: bool = opt(False, "print what would change; write nothing")
+    max_shard_size: int = opt(
+        DEFAULT_MAX_SHARD_SIZE,
+        "largest Parquet file of a pushed export (--formats idefics), e.g. 500MB",
+        size=True,
+    )
     version: str | None = opt(None, "X.Y.Z")
 
     def __post_init__(self) -> None:
@@ -84,6 +89,7 @@ class PushConfig:
         _need(self.repo, "--repo")
         formats = tuple(f.strip() for f in self.formats if f.strip())
         object.__setattr__(self, "formats", formats)
+        object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -79,6 +79,7 @@ SHARD_ROW_GROUP_ROWS = 256
 # What the index reads of a shard, and what usage() reads of a row.
 _INDEX_COLUMNS = ("key", "error", "error_kind", "timestamp")
 _USAGE_COLUMNS = ("key", "model", "prompt_tokens", "completion_tokens", "error", "error_kind")
+_STATUS_COLUMNS = ("key", "error", "error_kind")
 # Shards kept open (their Parquet footers parsed) for random reads.
 _OPEN_SHARDS = 8
 _HEX_KEY = re.compile(r"[0-9a-f]{64}")
@@ -242,6 +243,18 @@ class GenerationCache:
             found.update(more)
             missing = [k for k in missing if k not in more]
         return found
+
+    def missing(self, keys: Iterable[str]) -> list[str]:
+        """The keys :meth:`get` has no answer for (each once, in order); replies are not read."""
+        wanted = list(dict.fromkeys(keys))
+        found = {k for k, c in self._records(wanted, hits_only=True, columns=_STATUS_COLUMNS) if _is_hit(c)}
+        missing = [k for k in wanted if k not in found]
+        del found
+        for layer in self.fallbacks:
+            if not missing:
+                break
+            missing = layer.missing(missing)
+        return missing
 
     def record(self, key: str) -> Completion | None:
         """Whatever is stored for ``key``, transient errors included."""

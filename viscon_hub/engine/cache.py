@@ -130,7 +130,7 @@ class GenerationCache:
         self._pending: list[Completion] = []
         self._lock = threading.Lock()
         self._read_lock = threading.Lock()  # open files and the row-group LRU; taken after _lock
-        self._files: OrderedDict[int, tuple[object, pq.ParquetFile]] = OrderedDict()
+        self._files: OrderedDict[int, tuple[object | None, pq.ParquetFile]] = OrderedDict()
         self._groups: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
         self._broken: set[int] = set()
         self._journal = None
@@ -402,12 +402,16 @@ class GenerationCache:
         if entry is not None:
             self._files.move_to_end(sid)
             return entry[1]
-        f = self.fs.open(self._shards[sid].path, "rb")
-        try:
-            parquet = pq.ParquetFile(f)
-        except Exception:
-            f.close()
-            raise
+        path = self._shards[sid].path
+        if self.local:  # Arrow's own file reads: no Python call per read
+            f, parquet = None, pq.ParquetFile(path)
+        else:
+            f = self.fs.open(path, "rb")
+            try:
+                parquet = pq.ParquetFile(f)
+            except Exception:
+                f.close()
+                raise
         self._files[sid] = (f, parquet)
         while len(self._files) > _OPEN_SHARDS:
             self._close_file(next(iter(self._files)))
@@ -415,7 +419,7 @@ class GenerationCache:
 
     def _close_file(self, sid: int) -> None:
         entry = self._files.pop(sid, None)
-        if entry is not None:
+        if entry is not None and entry[0] is not None:
             entry[0].close()
 
     def _close_files(self) -> None:

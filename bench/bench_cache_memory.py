@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from viscon_hub.engine.backends.embed_backend import encode_embedding
-from viscon_hub.engine.cache import CACHE_SCHEMA, SHARD_ROW_GROUP_ROWS
+from viscon_hub.engine.cache import CACHE_SCHEMA, SHARD_ROW_GROUP_ROWS, shard_write_options
 
 REPO = Path(__file__).resolve().parents[1]
 # The cache before the compact index: every Completion held in a dict.
@@ -125,12 +125,7 @@ def build_cache(root: Path, n: int, shard_rows: int, seed: int = 0) -> float:
             },
             schema=CACHE_SCHEMA,
         )
-        pq.write_table(
-            table,
-            root / "shards" / f"{start:020d}-bench.parquet",
-            compression="zstd",
-            row_group_size=SHARD_ROW_GROUP_ROWS,
-        )
+        pq.write_table(table, root / "shards" / f"{start:020d}-bench.parquet", **shard_write_options())
     (root / "done").write_text(str(n))
     return _size_mb(root)
 

@@ -14,6 +14,11 @@ journals of dead processes into Parquet shards. Two processes writing one cache 
 Successful replies and permanent errors are hits; transient errors are kept for the record but are
 retried by the next run.
 
+Memory stays bounded by the number of keys, not the size of replies: opening a cache reads four
+small columns of each shard into a sorted index of 128-bit key digests (where each key's winning row
+lives, whether it is a hit, its timestamp: 33 bytes a key), and a reply is read from its shard's row
+group when asked for (:meth:`GenerationCache.get_many` reads each row group once for many keys).
+
 >>> import tempfile
 >>> cache = GenerationCache(tempfile.mkdtemp())
 >>> cache.put(Completion(key="k" * 64, reply="hello", model="m", stage="s"))
@@ -92,6 +97,16 @@ _NIBBLE[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16, dtyp
 
 def _is_hit(c: Completion) -> bool:
     return c.error is None or c.error_kind == "permanent"
+
+
+def shard_write_options() -> dict:
+    """How shards are written (``pq.write_table`` keywords).
+
+    Small row groups: a reply is read by decoding its row group, never the whole shard. No column
+    statistics: nothing filters on them, and min/max of every reply column made footers (parsed
+    for each open shard) four times larger.
+    """
+    return {"compression": "zstd", "row_group_size": SHARD_ROW_GROUP_ROWS, "write_statistics": False}
 
 
 class GenerationCache:
@@ -602,12 +617,7 @@ class GenerationCache:
         name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.parquet"
         shard_dir = f"{self.root.rstrip('/')}/shards"
         written: list[pq.FileMetaData] = []
-        # Small row groups: a reply is read by decoding its row group, never the whole shard.
-        options = {
-            "compression": "zstd",
-            "row_group_size": SHARD_ROW_GROUP_ROWS,
-            "metadata_collector": written,
-        }
+        options = {**shard_write_options(), "metadata_collector": written}
         if self.local:
             Path(shard_dir).mkdir(parents=True, exist_ok=True)
             tmp = Path(shard_dir) / f".{name}.tmp"
@@ -774,33 +784,38 @@ class _KeyIndex:
 
         Folding :meth:`GenerationCache._remember` over records in order keeps, of a key's records,
         the hit with the latest timestamp (the later one on a tie), or the first record when none is
-        a hit; sorting by (digest, hit, timestamp or -order, order) puts that winner last among its
-        key's records. A digest shared by several records (a key written twice, or two keys) asks
-        ``keys_at`` for their full keys, so that each key keeps its own winner.
+        a hit. Only a digest shared by several records (a key written more than once, or two keys)
+        needs that rule: those records are sorted by (hit, timestamp of a hit, load order of a hit or
+        its reverse otherwise), which puts each key's winner last, and ``keys_at`` tells their full
+        keys apart.
         """
         if not parts:
             return cls.empty()
         hi, lo, shard, row, hit, ts = (np.concatenate(c) for c in zip(*parts, strict=True))
-        order = np.arange(len(hi), dtype=np.int64)
-        when = np.where(hit, ts, 0.0)
-        tie = np.where(hit, order, -order)
-        del order
-        pick = np.lexsort((tie, when, hit, lo, hi))
-        del when, tie
+        parts.clear()  # the caller's per-shard arrays: freed before the sort's
+        pick = np.lexsort((lo, hi))
         hi, lo = hi[pick], lo[pick]
         n = len(pick)
         first = np.ones(n, dtype=bool)
         first[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
         keep = np.ones(n, dtype=bool)
         keep[:-1] = first[1:]  # the last record of its digest
-        shared = ~(first & keep)  # in a digest with more than one record
-        if shared.any():
-            keep &= ~shared
-            at = np.flatnonzero(shared)
-            group = np.cumsum(first)[at]
+        shared = np.flatnonzero(~(first & keep))  # records of a digest with more than one
+        keep[shared] = False
+        if len(shared):
+            group = np.cumsum(first)[shared]
+            del first
+            loaded = pick[shared]  # the records' places in load order
+            hits = hit[loaded]
+            # Within a digest, records in precedence order: the winner of each key comes last.
+            order = np.lexsort(
+                (np.where(hits, loaded, -loaded), np.where(hits, ts[loaded], 0.0), hits, group)
+            )
+            shared, group, loaded = shared[order], group[order], loaded[order]
             winners: dict[tuple[int, str], int] = {}
-            for i, g, key in zip(at.tolist(), group.tolist(), keys_at(shard[pick[at]], row[pick[at]])):
-                winners[(g, key)] = i  # the last record of each key in its digest's run
+            keys = keys_at(shard[loaded], row[loaded])
+            for i, g, key in zip(shared.tolist(), group.tolist(), keys, strict=True):
+                winners[(g, key)] = i
             keep[list(winners.values())] = True
         pick = pick[keep]
         return cls(hi[keep], lo[keep], shard[pick], row[pick], hit[pick], ts[pick])

@@ -13,7 +13,7 @@ text, 40% question embeddings as the embedding backend stores them (384 float16 
   every ``Completion`` kept in a dict (the previous ``cache.py``, taken from git), with the same gets.
 
 Figures per N: peak MB, growth over bare (MB and bytes per entry), ``ratio`` = peak / bare peak,
-growth over the floor per entry (what each stored key costs), open time and mean get time; and
+growth over the floor per entry (what each stored key costs), open time, mean get time (and per key of one get_many of 20 x M keys, after the peak is taken); and
 ``marginal_bytes_per_entry`` between the two largest sizes. Printed as one JSON object.
 
     python bench/bench_cache_memory.py [--sizes 100000 1000000] [--gets 2000] [--work /tmp/...]
@@ -77,6 +77,14 @@ if mode != "bare":
             raise SystemExit(f"wrong reply for entry {i}")
     out["get_ms"] = round((time.perf_counter() - t) / gets * 1e3, 3)
 out["peak_mb"] = round(peak_mb(), 1)
+if mode == "index":
+    # The bulk path the engine and dedup take: each row group read once for all its keys.
+    many = [hashlib.sha256(str(rng.randrange(n)).encode()).hexdigest() for _ in range(20 * gets)]
+    t = time.perf_counter()
+    found = cache.get_many(many)
+    out["get_many_us_per_key"] = round((time.perf_counter() - t) / len(many) * 1e6, 1)
+    if len(found) != len(set(many)):
+        raise SystemExit("get_many missed stored keys")
 print(json.dumps(out))
 """
 
@@ -194,6 +202,7 @@ def main() -> None:
                 "over_floor_bytes_per_entry": round((m["peak_mb"] - floor["peak_mb"]) * 2**20 / n, 1),
                 "open_s": m["open_s"],
                 "get_ms": m["get_ms"],
+                **({"get_many_us_per_key": m["get_many_us_per_key"]} if mode == "index" else {}),
             }
         if "dict" in entry:
             entry["index_over_dict_peak"] = round(entry["index"]["peak_mb"] / entry["dict"]["peak_mb"], 3)

@@ -294,14 +294,9 @@ def _no_images(sha256: str) -> bytes:
 
 
 def _cached_requests(texts: list[str], model: str, cache: GenerationCache) -> list | None:
-    """The requests for ``texts`` when the cache answers every one, else None (stops at a miss)."""
-    requests = []
-    for text in texts:
-        r = embed_request(text, model=model)
-        if cache.get(r.key) is None:
-            return None
-        requests.append(r)
-    return requests
+    """The requests for ``texts`` when the cache answers every one, else None."""
+    requests = [embed_request(text, model=model) for text in texts]
+    return None if cache.missing(r.key for r in requests) else requests
 
 
 def _reason(model: str, error: BaseException) -> str:

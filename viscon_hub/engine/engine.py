@@ -305,7 +305,8 @@ class Engine:
     def plan(self, requests: Sequence[Request], *, batch_prices: bool = False) -> dict:
         """What running ``requests`` would do, calling nothing: counts, cache hits, tokens and cost."""
         unique = {r.key: r for r in requests}
-        misses = [r for k, r in unique.items() if self.cache.get(k) is None]
+        missing = set(self.cache.missing(unique))
+        misses = [r for k, r in unique.items() if k in missing]
         prompt = sum(r.estimated_prompt_tokens() for r in misses)
         completion = sum(r.max_tokens // 2 for r in misses)  # replies rarely use their whole budget
         cost = sum(
@@ -358,8 +359,9 @@ class Engine:
         report.unique = len(unique)
         results: dict[str, Completion] = {}
         misses: list[Request] = []
+        cached = self.cache.get_many(unique)  # one read per shard row group, not one per key
         for key, r in unique.items():
-            hit = self.cache.get(key)
+            hit = cached.get(key)
             if hit is not None:
                 hit.from_cache = True
                 results[key] = hit

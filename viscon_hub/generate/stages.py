@@ -524,7 +524,8 @@ def _run_mode(
         caption_batch = parse_spec(config.caption_model)[0] == "openai-batch"
         qa_batch = parse_spec(config.qa_model)[0] == "openai-batch"
         stats.plan[f"{mode}/caption"] = engine.plan(caption_requests, batch_prices=caption_batch)
-        cached = [engine.cache.get(r.key) for r in caption_requests]
+        found = engine.cache.get_many(r.key for r in caption_requests)
+        cached = [found.get(r.key) for r in caption_requests]
         ready = [(c, rec) for c, (_, rec) in zip(cached, todo, strict=True) if c is not None and c.ok]
         qa = [ff_stage.request(ff_stage.template.render(caption=c.reply)) for c, _ in ready]
         qa += [mc_stage.request(mc_stage.template.render(caption=c.reply)) for c, _ in ready]

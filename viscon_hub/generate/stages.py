@@ -947,7 +947,7 @@ class RecordsWriter:
         whole = pa.concat_tables(self.pending)
         at = 0
         while whole.num_rows - at >= RECORDS_ROW_GROUP or (last and at < whole.num_rows):
-            group = whole.slice(at, RECORDS_ROW_GROUP).combine_chunks()
+            group = whole.slice(at, RECORDS_ROW_GROUP)
             self.writer.write_table(group, row_group_size=RECORDS_ROW_GROUP)
             at += group.num_rows
         self.rows += at

@@ -267,7 +267,7 @@ COMMANDS = (
             "output",
             *MODELS,
             *ENGINE,
-            *"context image_store limit".split(),
+            *"context image_store limit chunk_size".split(),
             "engine.offline",
             *(
                 "dry_run batch_max_requests batch_max_bytes batch_poll_interval_s batch_file_only batch_results"
@@ -298,6 +298,7 @@ COMMANDS = (
                 for m, what in (("caption_model", "captions"), ("qa_model", "Q&A"))
             ),
             *_under("generate", ENGINE),
+            "generate.chunk_size",
             "offline",
             *_under(
                 "merge",

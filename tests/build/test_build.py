@@ -329,3 +329,32 @@ def test_missing_images_and_dropped_records_are_counted_and_lose_nothing_else(qu
     assert sum(report.rows["leaky"].values()) == expected
     info = json.loads((tmp_path / "out" / BUILD_INFO).read_text())
     assert info["dropped"]["merge"]["contextual"]["image_missing"] == sharing
+
+
+@pytest.mark.slow
+def test_a_build_in_chunks_of_seven_contexts_writes_the_same_bytes(quickstart_build, tmp_path, monkeypatch):
+    from viscon_hub.build.driver import build
+    from viscon_hub.generate.stages import GenerateConfig
+
+    home = tmp_path / "hf_home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(home / "datasets"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    config = BuildConfig(
+        output=str(tmp_path / "viscon"),
+        work_dir=str(tmp_path / "work"),
+        generate=GenerateConfig(cache=str(tmp_path / "cache"), chunk_size=7),
+    )
+    report = build(config)
+    assert report.stages["generate"]["records"] == 72 and report.stages["generate"]["contexts_read"] == 36
+
+    def files(folder: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    first = quickstart_build["root"]
+    assert files(tmp_path / "viscon") == files(first / "viscon")
+    # The intermediate records file too: the chunks leave no trace in it.
+    records = "generations/generations/records.parquet"
+    assert (tmp_path / "work" / records).read_bytes() == (first / "work" / records).read_bytes()

@@ -201,7 +201,12 @@ def test_sigkill_half_way_then_resume_repeats_no_stored_call(contexts, tmp_path)
     proc, url = _start_server_process(tmp_path, latency=0.02)
     env = {**os.environ, "OPENAI_API_KEY": "sk-test"}
     try:
-        cmd = _generate_cmd(contexts, tmp_path / "run", tmp_path / "cache", url, concurrency)
+        # In chunks of 5 contexts: the kill lands with some chunks' records already in the staged file.
+        cmd = [
+            *_generate_cmd(contexts, tmp_path / "run", tmp_path / "cache", url, concurrency),
+            "--chunk-size",
+            "5",
+        ]
         client = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         while _stats(url)["total_requests"] < 60:
             assert client.poll() is None, client.stderr.read().decode()
@@ -229,6 +234,7 @@ def test_sigkill_half_way_then_resume_repeats_no_stored_call(contexts, tmp_path)
         a = pq.read_table(tmp_path / "run" / "generations" / "records.parquet")
         b = pq.read_table(tmp_path / "full" / "generations" / "records.parquet")
         assert a.num_rows == 72 and a.equals(b)
+        assert sorted(p.name for p in (tmp_path / "run" / "generations").iterdir()) == ["records.parquet"]
     finally:
         proc.kill()
         proc.wait()

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -51,6 +53,9 @@ RECORDS_ROW_GROUP = 10_000
 CAPTION_TEMPLATES = {"contextual": "contextual_caption", "non_contextual": "non_contextual_caption"}
 
 
+DEFAULT_CHUNK_SIZE = 4096
+"""Contexts per chunk: thousands of requests per stage keep the engine's concurrency busy."""
+
 DEFAULT_MODEL = "openai:gpt-4o"
 """The model of every generation stage a run does not name one for."""
 
@@ -83,6 +88,12 @@ class GenerateConfig:
     min_rounds: int = opt(3, "fewest Q&A rounds a reply must hold")
     max_rounds: int = opt(5, "most Q&A rounds kept from a reply")
     limit: int | None = opt(None, "use at most N image contexts")
+    # How many contexts are in memory at once, with their records; the output does not depend on it.
+    chunk_size: int = opt(
+        DEFAULT_CHUNK_SIZE,
+        "contexts captioned and asked for Q&A together before their records are written out",
+        local=True,
+    )
     dry_run: bool = opt(
         False, "count requests, cache hits, estimated tokens and cost; call nothing, write nothing"
     )
@@ -128,6 +139,8 @@ class GenerateConfig:
         object.__setattr__(self, "extra_caches", tuple(cache_alias(c) for c in self.extra_caches))
         if self.limit is not None and self.limit < 0:
             raise ConfigError(f"--limit must be >= 0; got {self.limit}")
+        if self.chunk_size < 1:
+            raise ConfigError(f"--chunk-size must be >= 1; got {self.chunk_size}")
         if self.batch_max_requests < 1:
             raise ConfigError(f"--batch-max-requests must be >= 1; got {self.batch_max_requests}")
         if self.batch_max_bytes < 1024:
@@ -159,6 +172,11 @@ class GenerateConfig:
     @property
     def shard_name(self) -> str:
         return f"{self.shard_index:05d}-of-{self.num_shards:05d}"
+
+    @property
+    def uses_batch(self) -> bool:
+        """Whether a stage goes through a provider's batch API (``openai-batch:``)."""
+        return "openai-batch" in (parse_spec(self.caption_model)[0], parse_spec(self.qa_model)[0])
 
 
 def check_shard(num_shards: int, shard_index: int) -> None:
@@ -212,20 +230,81 @@ class GenerateStats:
         }
 
 
-def read_contexts(folder: str, *, limit: int | None = None) -> list[ImageContext]:
-    """The image contexts that ``viscon prepare`` wrote under ``folder``, in a stable order."""
+def _context_files(folder: str) -> tuple[Any, list[str]]:
     fs, root = fsspec.core.url_to_fs(folder)
     paths = sorted(fs.glob(f"{root.rstrip('/')}/contexts/*.parquet"))
     if not paths:
         raise ConfigError(f"--contexts {folder!r} holds no contexts/*.parquet: run `viscon prepare` first")
-    out: list[ImageContext] = []
+    return fs, paths
+
+
+def count_contexts(folder: str) -> int:
+    """How many image contexts ``viscon prepare`` wrote under ``folder``, from the Parquet footers alone."""
+    fs, paths = _context_files(folder)
+    total = 0
     for path in paths:
         with fs.open(path, "rb") as f:
-            for row in pq.read_table(f).to_pylist():
-                out.append(ImageContext.from_row(row))
-                if limit is not None and len(out) >= limit:
-                    return out
-    return out
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
+def context_share(folder: str, *, limit: int | None, num_shards: int, shard_index: int) -> tuple[int, int]:
+    """``(start, stop)``: the contiguous share of the first ``limit`` contexts that a shard owns.
+
+    Counted from the Parquet footers, so a shard reads only its own rows; the bounds are those of
+    :func:`shard_slice` over the whole list.
+    """
+    n = count_contexts(folder)
+    if limit is not None:
+        n = min(n, limit)
+    return n * shard_index // num_shards, n * (shard_index + 1) // num_shards
+
+
+def iter_contexts(
+    folder: str, *, start: int = 0, stop: int | None = None, batch_size: int = 4096
+) -> Iterator[list[ImageContext]]:
+    """The contexts ``start..stop`` of ``folder`` in the order of :func:`read_contexts`, in lists of
+    ``batch_size`` (the last may be shorter).
+
+    Row groups wholly outside the range are skipped from the footers; the rest are read a batch at
+    a time, so memory holds about one batch whatever the number of contexts.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1; got {batch_size}")
+    fs, paths = _context_files(folder)
+    pending: list[ImageContext] = []
+    offset = 0  # index of the first row of the current row group among all contexts
+    for path in paths:
+        if stop is not None and offset >= stop:
+            break
+        with fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            for group in range(parquet.metadata.num_row_groups):
+                rows = parquet.metadata.row_group(group).num_rows
+                first, offset = offset, offset + rows
+                if offset <= start:
+                    continue
+                if stop is not None and first >= stop:
+                    break
+                at = first
+                for batch in parquet.iter_batches(batch_size=batch_size, row_groups=[group]):
+                    lo = max(start - at, 0)
+                    hi = batch.num_rows if stop is None else min(batch.num_rows, stop - at)
+                    at += batch.num_rows
+                    if lo < hi:
+                        pending.extend(ImageContext.from_row(r) for r in batch.slice(lo, hi - lo).to_pylist())
+                    while len(pending) >= batch_size:
+                        yield pending[:batch_size]
+                        pending = pending[batch_size:]
+                    if stop is not None and at >= stop:
+                        break
+    if pending:
+        yield pending
+
+
+def read_contexts(folder: str, *, limit: int | None = None) -> list[ImageContext]:
+    """The image contexts that ``viscon prepare`` wrote under ``folder``, in a stable order."""
+    return [ctx for batch in iter_contexts(folder, stop=limit) for ctx in batch]
 
 
 def _image_store_of(folder: str, override: str | None) -> str:
@@ -344,28 +423,40 @@ def generate(
 ) -> GenerateStats:
     """Caption every image context, then ask for both kinds of Q&A; write records and stats.
 
+    Contexts are read and generated ``chunk_size`` at a time, and each chunk's records go to the
+    output file before the next chunk is read, so memory does not grow with the number of contexts.
     With ``num_shards`` > 1 only this shard's contiguous share of the contexts is generated, into
     ``generations/records-I-of-N.parquet``; :func:`read_generations` reads every shard back in order.
     """
     started = time.monotonic()
     offline = config.engine.offline or config.dry_run
     check_models(config.caption_model, config.qa_model, base_url=config.base_url, offline=offline)
-    contexts = read_contexts(config.contexts, limit=config.limit)
-    contexts = shard_slice(contexts, config.num_shards, config.shard_index)
+    first, stop = context_share(
+        config.contexts, limit=config.limit, num_shards=config.num_shards, shard_index=config.shard_index
+    )
+    # A provider batch is waited for as a whole: one chunk per stage, not one wait per chunk.
+    size = max(1, stop - first) if config.uses_batch else config.chunk_size
+    chunks = iter_contexts(config.contexts, start=first, stop=stop, batch_size=size)
     store_url = _image_store_of(config.contexts, config.image_store)
     generator = Generator(config=config, image_store=store_url)
+    out = None if config.dry_run else RecordsWriter(config)
     try:
         generator.ingest(config.batch_results)
-        records, stats = generator.run(contexts, progress=progress)
+        stats = generator.stream(chunks, write=out.write if out is not None else None, progress=progress)
         backends = generator.engine.backends
+        # --batch-file-only wrote requests, not records: nothing is published.
+        if out is not None and not stats.batch.get("batch_files"):
+            stats.records = out.commit()
     finally:
+        if out is not None:
+            out.discard()
         generator.close()
     for name, n in generator.batch_counts.items():
         stats.batch[name] = stats.batch.get(name, 0) + n
     if config.dry_run:
         stats.plan["total"] = _plan_total(stats.plan)
     elif not stats.batch.get("batch_files"):
-        _write_outputs(config, records, stats, started, image_store=store_url)
+        _write_summary(config, stats, started, image_store=store_url)
         _check_outcome(config, stats, generator.engine, backends)
     return stats
 
@@ -443,15 +534,33 @@ class Generator:
     def run(
         self, contexts: list[ImageContext], *, progress: Callable[[str, RunReport], None] | None = None
     ) -> tuple[list[dict[str, Any]], GenerateStats]:
-        """The records of ``contexts`` and the counts of this call alone."""
-        stats = GenerateStats(contexts_read=len(contexts))
-        self.engine.report = RunReport()
+        """The records of ``contexts`` (mode by mode, in context order) and the counts of this call alone."""
         records: list[dict[str, Any]] = []
+        stats = self.stream([contexts], write=records.extend, progress=progress)
+        return records, stats
+
+    def stream(
+        self,
+        chunks: Iterable[list[ImageContext]],
+        *,
+        write: Callable[[list[dict[str, Any]]], None] | None,
+        progress: Callable[[str, RunReport], None] | None = None,
+    ) -> GenerateStats:
+        """Generate chunk after chunk; hand each chunk's records, a mode at a time, to ``write``.
+
+        Only one chunk's contexts and records are held at once. The counts (drops, re-asks, the
+        engine's report, a dry run's plan) are of all chunks together.
+        """
+        stats = GenerateStats()
+        self.engine.report = RunReport()
+        plan = _Plan(self.config.modes)
         batch_files: list[str] = []
-        for mode in self.config.modes:
-            try:
-                records.extend(
-                    _run_mode(
+        # No chunk at all still runs once, empty: the stats and the plan keep their shape.
+        for contexts in _at_least_one(chunks):
+            stats.contexts_read += len(contexts)
+            for mode in self.config.modes:
+                try:
+                    records = _run_mode(
                         mode,
                         contexts,
                         config=self.config,
@@ -461,19 +570,30 @@ class Generator:
                         mc_stage=self.mc_stage,
                         backend=self.backend,
                         stats=stats,
+                        plan=plan,
                         progress=progress,
                     )
-                )
-            except BatchFilesWritten as e:
-                # --batch-file-only: a stage with requests to send wrote them, and this mode stops
-                # there (Q&A needs its captions); the other mode may still write its own.
-                batch_files.extend(e.paths)
+                except BatchFilesWritten as e:
+                    # --batch-file-only: a stage with requests to send wrote them, and this mode stops
+                    # there (Q&A needs its captions); the other mode may still write its own.
+                    batch_files.extend(e.paths)
+                    continue
+                if write is not None and records:
+                    write(records)
+        if self.config.dry_run:
+            stats.plan = plan.finish(
+                engine=self.engine,
+                caption_stages=self.caption_stages,
+                ff_stage=self.ff_stage,
+                mc_stage=self.mc_stage,
+                qa_batch=parse_spec(self.config.qa_model)[0] == "openai-batch",
+            )
         if batch_files:
             stats.batch["batch_files"] = batch_files
         stats.engine = self.engine.report.to_dict()
         if self.engine.prices.unpriced:
             stats.engine["unpriced_models"] = sorted(self.engine.prices.unpriced)
-        return records, stats
+        return stats
 
     def close(self) -> None:
         """Close the cache and every backend; the batch backends' counts stay in :attr:`batch_counts`."""
@@ -496,6 +616,101 @@ def _plan_total(plan: dict[str, dict]) -> dict[str, Any]:
     }
 
 
+def _at_least_one(chunks: Iterable[list[ImageContext]]) -> Iterator[list[ImageContext]]:
+    empty = True
+    for chunk in chunks:
+        empty = False
+        yield chunk
+    if empty:
+        yield []
+
+
+def _add_counts(total: dict[str, Any], part: dict[str, Any]) -> None:
+    for name, value in part.items():
+        total[name] = total.get(name, 0) + value
+
+
+class _Plan:
+    """A dry run's plan, summed over chunks. The Q&A of captions not cached yet is priced at the end,
+    with the mean length of every cached caption, so chunking does not change the estimate.
+
+    A request repeated in two chunks is counted in each, as two runs of the engine would count it.
+    """
+
+    def __init__(self, modes: list[ContextMode]) -> None:
+        self.caption: dict[str, dict[str, Any]] = {m: {} for m in modes}
+        self.qa: dict[str, dict[str, Any]] = {m: {} for m in modes}
+        self.pending = dict.fromkeys(modes, 0)
+        self.ready = dict.fromkeys(modes, 0)
+        self.ready_tokens = dict.fromkeys(modes, 0)
+
+    def add(
+        self,
+        mode: ContextMode,
+        todo: list[tuple[ImageContext, dict[str, Any]]],
+        caption_requests: list[Request],
+        *,
+        config: GenerateConfig,
+        engine: Engine,
+        ff_stage: _Stage,
+        mc_stage: _Stage,
+    ) -> None:
+        caption_batch = parse_spec(config.caption_model)[0] == "openai-batch"
+        qa_batch = parse_spec(config.qa_model)[0] == "openai-batch"
+        _add_counts(self.caption[mode], engine.plan(caption_requests, batch_prices=caption_batch))
+        found = engine.cache.get_many(r.key for r in caption_requests)
+        cached = [found.get(r.key) for r in caption_requests]
+        ready = [c for c in cached if c is not None and c.ok]
+        qa = [ff_stage.request(ff_stage.template.render(caption=c.reply)) for c in ready]
+        qa += [mc_stage.request(mc_stage.template.render(caption=c.reply)) for c in ready]
+        _add_counts(self.qa[mode], engine.plan(qa, batch_prices=qa_batch))
+        self.pending[mode] += len(todo) - len(ready)
+        self.ready[mode] += len(ready)
+        self.ready_tokens[mode] += sum(c.completion_tokens or len(c.reply) // 4 for c in ready)
+
+    def finish(
+        self,
+        *,
+        engine: Engine,
+        caption_stages: dict[str, _Stage],
+        ff_stage: _Stage,
+        mc_stage: _Stage,
+        qa_batch: bool,
+    ) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for mode, caption in self.caption.items():
+            out[f"{mode}/caption"] = _rounded_cost(caption)
+            plan = _rounded_cost(self.qa[mode])
+            # Captions not cached yet will each need two more Q&A requests once they exist: price them
+            # with a caption of the expected length, the mean of the cached ones, else the template's cap.
+            pending = self.pending[mode]
+            plan["pending_on_uncached_captions"] = 2 * pending
+            if self.ready[mode]:
+                expected, source = self.ready_tokens[mode] / self.ready[mode], "mean_of_cached_captions"
+            else:
+                max_tokens = caption_stages[mode].template.sampling.get("max_tokens") or 512
+                expected, source = float(max_tokens), "max_tokens"
+            plan["expected_caption_tokens"] = round(expected, 1)
+            plan["expected_caption_tokens_from"] = source
+            pending_cost = 0.0
+            if pending:
+                for stage in (ff_stage, mc_stage):
+                    probe = stage.request(stage.template.render(caption=""))
+                    prompt = probe.estimated_prompt_tokens() + round(expected)
+                    per = engine.prices.cost(stage.model, prompt, probe.max_tokens // 2, batch=qa_batch)
+                    pending_cost += per * pending
+            plan["pending_estimated_cost_usd"] = round(pending_cost, 4)
+            out[f"{mode}/qa"] = plan
+        return out
+
+
+def _rounded_cost(plan: dict[str, Any]) -> dict[str, Any]:
+    out = dict(plan)
+    if "estimated_cost_usd" in out:
+        out["estimated_cost_usd"] = round(out["estimated_cost_usd"], 4)
+    return out
+
+
 def _run_mode(
     mode: ContextMode,
     contexts: list[ImageContext],
@@ -507,6 +722,7 @@ def _run_mode(
     mc_stage: _Stage,
     backend,
     stats: GenerateStats,
+    plan: _Plan,
     progress,
 ) -> list[dict[str, Any]]:
     records = [_base_record(ctx, mode, caption_stage, ff_stage, mc_stage) for ctx in contexts]
@@ -521,35 +737,9 @@ def _run_mode(
         caption_stage.request(caption_messages(caption_stage.template, ctx, mode)) for ctx, _ in todo
     ]
     if config.dry_run:
-        caption_batch = parse_spec(config.caption_model)[0] == "openai-batch"
-        qa_batch = parse_spec(config.qa_model)[0] == "openai-batch"
-        stats.plan[f"{mode}/caption"] = engine.plan(caption_requests, batch_prices=caption_batch)
-        found = engine.cache.get_many(r.key for r in caption_requests)
-        cached = [found.get(r.key) for r in caption_requests]
-        ready = [(c, rec) for c, (_, rec) in zip(cached, todo, strict=True) if c is not None and c.ok]
-        qa = [ff_stage.request(ff_stage.template.render(caption=c.reply)) for c, _ in ready]
-        qa += [mc_stage.request(mc_stage.template.render(caption=c.reply)) for c, _ in ready]
-        plan = engine.plan(qa, batch_prices=qa_batch)
-        # Captions not cached yet will each need two more Q&A requests once they exist: price them
-        # with a caption of the expected length, the mean of the cached ones, else the template's cap.
-        pending = len(todo) - len(ready)
-        plan["pending_on_uncached_captions"] = 2 * pending
-        if ready:
-            lengths = [c.completion_tokens or len(c.reply) // 4 for c, _ in ready]
-            expected, source = sum(lengths) / len(lengths), "mean_of_cached_captions"
-        else:
-            expected, source = float(caption_stage.template.sampling.get("max_tokens") or 512), "max_tokens"
-        plan["expected_caption_tokens"] = round(expected, 1)
-        plan["expected_caption_tokens_from"] = source
-        pending_cost = 0.0
-        if pending:
-            for stage in (ff_stage, mc_stage):
-                probe = stage.request(stage.template.render(caption=""))
-                prompt = probe.estimated_prompt_tokens() + round(expected)
-                per = engine.prices.cost(stage.model, prompt, probe.max_tokens // 2, batch=qa_batch)
-                pending_cost += per * pending
-        plan["pending_estimated_cost_usd"] = round(pending_cost, 4)
-        stats.plan[f"{mode}/qa"] = plan
+        plan.add(
+            mode, todo, caption_requests, config=config, engine=engine, ff_stage=ff_stage, mc_stage=mc_stage
+        )
         return []
 
     captions = engine.run(
@@ -698,29 +888,116 @@ def _base_record(ctx: ImageContext, mode: str, caption: _Stage, ff: _Stage, mc: 
     return row
 
 
-def _write_outputs(
-    config: GenerateConfig,
-    records: list[dict[str, Any]],
-    stats: GenerateStats,
-    started: float,
-    *,
-    image_store: str,
-) -> None:
-    stats.records = len(records)
-    fs, root = fsspec.core.url_to_fs(config.output)
-    fs.makedirs(f"{root}/generations", exist_ok=True)
-    table = pa.Table.from_pylist(records, schema=GENERATION_SCHEMA)
-    sharded = config.num_shards > 1
-    name = f"records-{config.shard_name}.parquet" if sharded else "records.parquet"
-    target = f"{root}/generations/{name}"
-    local = Path(root) if is_local(fs) else None
-    if local is not None:
-        tmp = local / "generations" / f".{name}.tmp"
-        pq.write_table(table, tmp, compression="zstd", row_group_size=RECORDS_ROW_GROUP)
-        tmp.replace(local / "generations" / name)
-    else:
-        with fs.open(target, "wb") as f:
-            pq.write_table(table, f, compression="zstd", row_group_size=RECORDS_ROW_GROUP)
+class RecordsWriter:
+    """Writes one run's (or shard's) ``generations/records*.parquet`` as records come, chunk by chunk.
+
+    The file holds every record of the first context mode, then every record of the next, each in
+    context order, in row groups of :data:`RECORDS_ROW_GROUP`: exactly the bytes of writing all the
+    records at once, however they arrived. Records of a later mode wait in a staging Parquet of
+    their own until the earlier modes are done. Everything is staged (beside the target when the
+    output is local, in a temporary folder otherwise) and published by :meth:`commit`.
+    """
+
+    def __init__(self, config: GenerateConfig) -> None:
+        self.fs, root = fsspec.core.url_to_fs(config.output)
+        self.root = root.rstrip("/")
+        self.name = f"records-{config.shard_name}.parquet" if config.num_shards > 1 else "records.parquet"
+        self.modes = list(config.modes)
+        self.local = is_local(self.fs)
+        if self.local:
+            # Fixed names beside the target: a rerun after a kill overwrites what the killed run left.
+            self.staging = Path(self.root) / "generations"
+            self.staging.mkdir(parents=True, exist_ok=True)
+            self.tmpdir = None
+        else:
+            self.tmpdir = tempfile.mkdtemp(prefix="viscon-generate-")
+            self.staging = Path(self.tmpdir)
+        self.path = self.staging / f".{self.name}.tmp"
+        self.writer: pq.ParquetWriter | None = pq.ParquetWriter(
+            self.path, GENERATION_SCHEMA, compression="zstd"
+        )
+        self.later = {m: self.staging / f".{self.name}.{m}.tmp" for m in self.modes[1:]}
+        self.later_writers: dict[str, pq.ParquetWriter] = {}
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.rows = 0
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        """Add records (any modes; each mode's in context order) after those already written."""
+        by_mode: dict[str, list[dict[str, Any]]] = {}
+        for rec in records:
+            by_mode.setdefault(rec["context_mode"], []).append(rec)
+        for mode, rows in by_mode.items():
+            if mode not in self.modes:
+                raise ConfigError(f"a {mode!r} record in a run of context modes {self.modes}")
+            table = pa.Table.from_pylist(rows, schema=GENERATION_SCHEMA)
+            if mode == self.modes[0]:
+                self._add(table)
+            else:
+                if mode not in self.later_writers:
+                    self.later_writers[mode] = pq.ParquetWriter(self.later[mode], GENERATION_SCHEMA)
+                self.later_writers[mode].write_table(table)
+
+    def _add(self, table: pa.Table | None, *, last: bool = False) -> None:
+        if table is not None and table.num_rows:
+            self.pending.append(table)
+            self.pending_rows += table.num_rows
+        if self.pending_rows < RECORDS_ROW_GROUP and not (last and self.pending_rows):
+            return
+        # Row groups cut at the same rows as one write of every record would cut them.
+        whole = pa.concat_tables(self.pending)
+        at = 0
+        while whole.num_rows - at >= RECORDS_ROW_GROUP or (last and at < whole.num_rows):
+            group = whole.slice(at, RECORDS_ROW_GROUP)
+            self.writer.write_table(group, row_group_size=RECORDS_ROW_GROUP)
+            at += group.num_rows
+        self.rows += at
+        rest = whole.slice(at)
+        self.pending = [rest] if rest.num_rows else []
+        self.pending_rows = rest.num_rows
+
+    def commit(self) -> int:
+        """Publish the file; the number of records it holds."""
+        for mode in self.modes[1:]:
+            writer = self.later_writers.pop(mode, None)
+            if writer is None:
+                continue
+            writer.close()
+            for batch in pq.ParquetFile(self.later[mode]).iter_batches(batch_size=RECORDS_ROW_GROUP):
+                self._add(pa.Table.from_batches([batch], schema=GENERATION_SCHEMA))
+            self.later[mode].unlink()
+        self._add(None, last=True)
+        if not self.rows:
+            # One write of no records makes one empty row group; so does this.
+            self.writer.write_table(GENERATION_SCHEMA.empty_table())
+        self.writer.close()
+        self.writer = None
+        target = f"{self.root}/generations/{self.name}"
+        if self.local:
+            os.replace(self.path, target)  # atomic: a reader never sees half a file
+        else:
+            self.fs.makedirs(f"{self.root}/generations", exist_ok=True)
+            self.fs.put_file(str(self.path), target)
+        return self.rows
+
+    def discard(self) -> None:
+        """Drop whatever is still staged (after :meth:`commit`, nothing is)."""
+        for writer in [self.writer, *self.later_writers.values()]:
+            if writer is not None:
+                try:
+                    writer.close()
+                except Exception:  # noqa: BLE001 - already failing; the staged files go anyway
+                    pass
+        self.writer = None
+        self.later_writers.clear()
+        for path in [self.path, *self.later.values()]:
+            path.unlink(missing_ok=True)
+        if self.tmpdir is not None:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def _write_summary(config: GenerateConfig, stats: GenerateStats, started: float, *, image_store: str) -> None:
+    """``stats.json`` (or this shard's part of it, merged with the parts already written)."""
     summary = {
         **stats.to_dict(),
         "caption_model": config.caption_model,
@@ -731,7 +1008,9 @@ def _write_outputs(
         "viscon_hub_version": __version__,
         "elapsed_s": round(time.monotonic() - started, 3),
     }
-    if not sharded:
+    if config.num_shards == 1:
+        fs, root = fsspec.core.url_to_fs(config.output)
+        fs.makedirs(root, exist_ok=True)
         with fs.open(f"{root}/stats.json", "w") as f:
             json.dump(summary, f, indent=2, sort_keys=True)
         return
@@ -843,6 +1122,10 @@ __all__ = [
     "Generator",
     "generate",
     "generate_records",
+    "RecordsWriter",
+    "context_share",
+    "count_contexts",
+    "iter_contexts",
     "read_contexts",
     "generation_parts",
     "generation_records",

@@ -333,26 +333,29 @@ def generate_on_ray(
     by default one is started per such model (one engine per GPU) and stopped at the end.
     """
     from viscon_hub.generate import stages
-    from viscon_hub.records import IMAGE_CONTEXT_SCHEMA
+    from viscon_hub.records import IMAGE_CONTEXT_SCHEMA, ImageContext
 
-    started = time.monotonic()
-    contexts = stages.read_contexts(config.contexts, limit=config.limit)
-    contexts = stages.shard_slice(contexts, config.num_shards, config.shard_index)
-    store_url = stages._image_store_of(config.contexts, config.image_store)
     if config.dry_run:
         # A plan calls nothing; one process reads the cache as fast as many.
-        return stages.generate_records(contexts, config=config, image_store=store_url)[1]
+        return stages.generate(config)
+    started = time.monotonic()
+    # Only this shard's share is read (counted from the Parquet footers), a block at a time; the
+    # driver keeps the blocks as Arrow bytes, which Ray Data needs up front, never as Python objects.
+    first, stop = stages.context_share(
+        config.contexts, limit=config.limit, num_shards=config.num_shards, shard_index=config.shard_index
+    )
+    store_url = stages._image_store_of(config.contexts, config.image_store)
     workers = cluster_workers(runner)
     worker_config = replace(config, engine=engine_share(config.engine, workers))
+    size = runner.generate_block_size
+    items = [
+        {"block": i, "contexts": _to_bytes([c.to_row() for c in block], IMAGE_CONTEXT_SCHEMA)}
+        for i, block in enumerate(
+            stages.iter_contexts(config.contexts, start=first, stop=stop, batch_size=size)
+        )
+    ]
     started_pools = _start_vllm_pools(config, runner) if vllm_pools is None else {}
     pools = vllm_pools if vllm_pools is not None else started_pools
-    size = runner.generate_block_size
-    blocks = [contexts[i : i + size] for i in range(0, len(contexts), size)]
-    items = [
-        {"block": i, "contexts": _to_bytes([c.to_row() for c in b], IMAGE_CONTEXT_SCHEMA)}
-        for i, b in enumerate(blocks)
-    ]
-    records: list[dict[str, Any]] = []
     parts: list[dict[str, Any]] = []
     results = _map_blocks(
         runner,
@@ -363,23 +366,27 @@ def generate_on_ray(
         image_store=store_url,
         vllm_pools=pools,
     )
+    # Blocks hold every mode of their contexts; the writer lists a mode's records before the next's,
+    # as one local run does, and holds no more than a row group of them.
+    out = stages.RecordsWriter(config)
     try:
-        for i, result in _in_order(results, len(blocks)):
+        for i, result in _in_order(results, len(items)):
             if result is None:
-                block_records, part = _failed_generate_block(blocks[i], config)
+                block = [ImageContext.from_row(r) for r in _from_bytes(items[i]["contexts"])]
+                block_records, part = _failed_generate_block(block, config)
             else:
                 block_records, part = _from_bytes(result["records"]), json.loads(result["stats"])
-            records.extend(block_records)
+            out.write(block_records)
             parts.append(part)
+        records = out.commit()
     finally:
+        out.discard()
         for pool in started_pools.values():
             pool.stop()
-    # Blocks hold every mode of their contexts; one run lists a mode's records before the next's.
-    rank = {m: n for n, m in enumerate(config.modes)}
-    records = [r for _, r in sorted(enumerate(records), key=lambda p: (rank[p[1]["context_mode"]], p[0]))]
     stats = _stats_of(stages.merge_stats(parts) if parts else {})
-    stats.contexts_read = len(contexts)
-    stages._write_outputs(config, records, stats, started, image_store=store_url)
+    stats.contexts_read = stop - first
+    stats.records = records
+    stages._write_summary(config, stats, started, image_store=store_url)
     return stats
 
 

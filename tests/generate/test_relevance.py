@@ -300,10 +300,13 @@ def test_build_stores_scores_drops_low_rounds_and_plots_them(quickstart_build, t
         str(generations), config=config, cache=str(tmp_path / "cache"), image_store=images
     )
     assert report.rounds > 50 and report.scored == report.rounds
+    first = pq.read_table(generations / "generations" / "relevance.parquet")
+    # Scored a few records at a time: the same rows, from the cache alone.
     rerun = score_generations(
-        str(generations), config=config, cache=str(tmp_path / "cache"), image_store=images
+        str(generations), config=config, cache=str(tmp_path / "cache"), image_store=images, batch_size=3
     )
-    assert rerun.engine["calls"] == 0 and rerun.scored == report.scored
+    assert rerun.engine["calls"] == 0 and rerun.scored == report.scored and rerun.rounds == report.rounds
+    assert pq.read_table(generations / "generations" / "relevance.parquet").equals(first)
 
     kl = sorted(pq.read_table(generations / "generations" / "relevance.parquet").column("kl").to_pylist())
     threshold = kl[len(kl) // 4]
@@ -338,3 +341,32 @@ def test_build_stores_scores_drops_low_rounds_and_plots_them(quickstart_build, t
     }
     assert (out / "plots" / "relevance.png").is_file()
     assert "C3L relevance" in (out / "README.md").read_text()
+
+
+def test_scores_answer_like_a_dict_of_every_row(monkeypatch):
+    import random
+
+    from viscon_hub.generate.relevance import ROUND_KINDS, Scores
+
+    rng = random.Random(7)
+    rows, expected = [], {}
+    for n in range(300):
+        key = (rng.choice(["contextual", "non_contextual"]), f"doc-{n}-\u00e9")
+        for kind in ROUND_KINDS:
+            for i in range(rng.randint(0, 3)):
+                kl = None if rng.random() < 0.1 else rng.random()
+                rows.append(
+                    {"context_mode": key[0], "id": key[1], "round": kind, "index": i, "kl": kl, "pmi": -1.0}
+                )
+                expected.setdefault(key, {})[(kind, i)] = {"kl": kl, "pmi": -1.0}
+    scores = Scores.from_batches([rows[:100], rows[100:]])
+    assert len(scores) == len(rows)
+    for key, want in expected.items():
+        assert scores.get(key, {}) == want
+    assert scores.get(("contextual", "nobody"), {}) == {}
+
+    # Two records whose digests share the first 64 bits are still told apart by the other 64.
+    monkeypatch.setattr(Scores, "_digest", staticmethod(lambda mode, rid: (1, hash((mode, rid)) & 0xFFFF)))
+    clash = Scores.from_batches([[dict(rows[0], id="a", kl=0.1), dict(rows[0], id="b", kl=0.9)]])
+    assert clash.get((rows[0]["context_mode"], "a"))[(rows[0]["round"], rows[0]["index"])]["kl"] == 0.1
+    assert clash.get((rows[0]["context_mode"], "b"))[(rows[0]["round"], rows[0]["index"])]["kl"] == 0.9

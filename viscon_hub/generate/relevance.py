@@ -22,12 +22,16 @@ attaches them to the per-image rows and drops Q&A rounds under ``--min-relevance
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -195,6 +199,10 @@ def score_records(
     return rows, report
 
 
+SCORE_BATCH = 2048
+"""Records scored per engine run: the stage's memory is one batch of records and its score rows."""
+
+
 def score_generations(
     generations: str,
     *,
@@ -202,44 +210,128 @@ def score_generations(
     cache: str = "viscon-cache",
     extra_caches: tuple[str, ...] = (),
     image_store: str | None = None,
+    batch_size: int = SCORE_BATCH,
 ) -> RelevanceReport:
-    """Score every round of ``GENERATIONS/generations/records.parquet``; write ``generations/relevance.parquet``."""
+    """Score every round of ``GENERATIONS/generations/records*.parquet``, a batch of records at a
+    time; write ``generations/relevance.parquet`` (staged, renamed into place when complete)."""
 
-    from viscon_hub.generate.stages import generation_records, read_generations
+    from viscon_hub.generate.stages import generation_records
     from viscon_hub.prepare.images import ImageStore
 
     root = Path(generations)
-    _, stats = generation_records(generations)
+    paths, stats = generation_records(generations)
     store = ImageStore(image_store or stats.get("image_store") or f"{generations}/images")
     columns = ["id", "context_mode", "status", "image_sha256", "caption", "qa_freeform", "qa_multiple_choice"]
-    records = read_generations(generations, columns=columns).to_pylist()
     engine = Engine(cache=GenerationCache(cache, fallbacks=extra_caches), config=config.engine)
+    out = root / "generations" / RELEVANCE_FILE
+    tmp = out.with_suffix(".tmp")
+    report = RelevanceReport()
     try:
         backend = engine.backend(config.model or "", image_loader=store.get, base_url=config.base_url)
-        rows, report = score_records(records, config=config, engine=engine, backend=backend)
+        with pq.ParquetWriter(tmp, SCHEMA) as writer:
+            for path in paths:
+                for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns):
+                    rows, part = score_records(
+                        batch.to_pylist(), config=config, engine=engine, backend=backend
+                    )
+                    report.rounds += part.rounds
+                    report.scored += part.scored
+                    report.failed.update(part.failed)
+                    if rows:
+                        writer.write_table(pa.Table.from_pylist(rows, schema=SCHEMA))
+        report.engine = engine.report.to_dict()
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     finally:
         engine.cache.close()
         engine.close()
-    out = root / "generations" / RELEVANCE_FILE
-    tmp = out.with_suffix(".tmp")
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
     tmp.replace(out)
     logger.info("relevance: %s", report.to_dict())
     return report
 
 
-def read_scores(generations: str) -> dict[tuple[str, str], dict[tuple[str, int], dict[str, float]]]:
-    """``{(context_mode, id): {(round, index): {"kl", "pmi"}}}`` from ``relevance.parquet``; {} when absent."""
+class Scores:
+    """The scores of ``relevance.parquet`` for lookups by record, in compact arrays.
+
+    Per scored round it keeps a 128-bit digest of the record's (context mode, id), the round kind and
+    index and the two scores: about 30 bytes a round, where Python dicts took hundreds, so the merge
+    can hold the scores of a million images. ``get((mode, id))`` is what :func:`attach_scores` takes.
+
+    >>> s = Scores.from_batches([[{"context_mode": "contextual", "id": "d-0", "round": "caption",
+    ...                            "index": 0, "kl": 0.25, "pmi": 1.5}]])
+    >>> s.get(("contextual", "d-0")), s.get(("contextual", "d-1")), len(s)
+    ({('caption', 0): {'kl': 0.25, 'pmi': 1.5}}, {}, 1)
+    """
+
+    __slots__ = ("_hi", "_index", "_kind", "_kl", "_lo", "_pmi")
+
+    def __init__(self, hi, lo, kind, index, kl, pmi) -> None:
+        order = np.lexsort((lo, hi))
+        self._hi, self._lo = hi[order], lo[order]
+        self._kind, self._index, self._kl, self._pmi = kind[order], index[order], kl[order], pmi[order]
+
+    @staticmethod
+    def _digest(mode: str, record_id: str) -> tuple[int, int]:
+        text = f"{mode}\x00{record_id}".encode("utf-8", "surrogatepass")
+        d = hashlib.blake2b(text, digest_size=16).digest()
+        return int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little")
+
+    @classmethod
+    def from_batches(cls, batches: Iterable[list[dict[str, Any]]]) -> Scores:
+        """From batches of ``relevance.parquet`` rows."""
+        hi, lo, kind, index, kl, pmi = [], [], [], [], [], []
+        last: tuple[Any, tuple[int, int]] = (None, (0, 0))
+        for batch in batches:
+            for r in batch:
+                key = (r["context_mode"], r["id"])
+                if key != last[0]:
+                    last = (key, cls._digest(*key))  # a record's rounds are consecutive: one digest each
+                hi.append(last[1][0])
+                lo.append(last[1][1])
+                kind.append(ROUND_KINDS.index(r["round"]) if r["round"] in ROUND_KINDS else -1)
+                index.append(r["index"])
+                kl.append(np.nan if r["kl"] is None else r["kl"])
+                pmi.append(np.nan if r["pmi"] is None else r["pmi"])
+        return cls(
+            np.array(hi, dtype=np.uint64),
+            np.array(lo, dtype=np.uint64),
+            np.array(kind, dtype=np.int8),
+            np.array(index, dtype=np.int32),
+            np.array(kl, dtype=np.float64),
+            np.array(pmi, dtype=np.float64),
+        )
+
+    def __len__(self) -> int:
+        return len(self._hi)
+
+    def get(
+        self, key: tuple[str, str], default: Any = None
+    ) -> dict[tuple[str, int], dict[str, float | None]]:
+        """``{(round, index): {"kl", "pmi"}}`` of the record ``(context_mode, id)``; ``default`` (or {})
+        when it has no score."""
+        h, low = self._digest(*key)
+        start = int(np.searchsorted(self._hi, np.uint64(h), side="left"))
+        stop = int(np.searchsorted(self._hi, np.uint64(h), side="right"))
+        out: dict[tuple[str, int], dict[str, float | None]] = {}
+        for i in range(start, stop):
+            if int(self._lo[i]) != low or self._kind[i] < 0:
+                continue
+            kl, pmi = float(self._kl[i]), float(self._pmi[i])
+            out[(ROUND_KINDS[self._kind[i]], int(self._index[i]))] = {
+                "kl": None if math.isnan(kl) else kl,
+                "pmi": None if math.isnan(pmi) else pmi,
+            }
+        return out if out or default is None else default
+
+
+def read_scores(generations: str) -> Scores:
+    """The scores of ``relevance.parquet``, read a row group at a time (empty when the file is absent)."""
     path = Path(generations) / "generations" / RELEVANCE_FILE
     if not path.is_file():
-        return {}
-    out: dict[tuple[str, str], dict[tuple[str, int], dict[str, float]]] = {}
-    for row in pq.read_table(path).to_pylist():
-        out.setdefault((row["context_mode"], row["id"]), {})[(row["round"], row["index"])] = {
-            "kl": row["kl"],
-            "pmi": row["pmi"],
-        }
-    return out
+        return Scores.from_batches([])
+    columns = ["id", "context_mode", "round", "index", "kl", "pmi"]
+    return Scores.from_batches(b.to_pylist() for b in pq.ParquetFile(path).iter_batches(columns=columns))
 
 
 def attach_scores(

@@ -254,9 +254,10 @@ def score_generations(
 class Scores:
     """The scores of ``relevance.parquet`` for lookups by record, in compact arrays.
 
-    Per scored round it keeps a 128-bit digest of the record's (context mode, id), the round kind and
-    index and the two scores: about 30 bytes a round, where Python dicts took hundreds, so the merge
-    can hold the scores of a million images. ``get((mode, id))`` is what :func:`attach_scores` takes.
+    Per record (one run of consecutive rows) it keeps a 128-bit digest of its (context mode, id) and
+    where its rows start; per round the kind, index and the two scores: about 22 bytes a round, where
+    nested Python dicts took about 500, so the merge can hold the scores of a million images.
+    ``get((mode, id))`` is what :func:`attach_scores` takes.
 
     >>> s = Scores.from_batches([[{"context_mode": "contextual", "id": "d-0", "round": "caption",
     ...                            "index": 0, "kl": 0.25, "pmi": 1.5}]])
@@ -264,12 +265,44 @@ class Scores:
     ({('caption', 0): {'kl': 0.25, 'pmi': 1.5}}, {}, 1)
     """
 
-    __slots__ = ("_hi", "_index", "_kind", "_kl", "_lo", "_pmi")
+    __slots__ = ("_count", "_hi", "_index", "_kind", "_kl", "_lo", "_pmi", "_start")
 
-    def __init__(self, hi, lo, kind, index, kl, pmi) -> None:
-        order = np.lexsort((lo, hi))
-        self._hi, self._lo = hi[order], lo[order]
-        self._kind, self._index, self._kl, self._pmi = kind[order], index[order], kl[order], pmi[order]
+    _COLUMNS = ("id", "context_mode", "round", "index", "kl", "pmi")
+
+    def __init__(self, batches: Iterable[pa.RecordBatch], total: int) -> None:
+        import pyarrow.compute as pc
+
+        self._kind = np.empty(total, dtype=np.int8)
+        self._index = np.empty(total, dtype=np.int16)
+        self._kl = np.empty(total, dtype=np.float64)
+        self._pmi = np.empty(total, dtype=np.float64)
+        hi: list[int] = []
+        lo: list[int] = []
+        start: list[int] = []
+        at, last = 0, None
+        kinds = pa.array(ROUND_KINDS)
+        for b in batches:
+            n = b.num_rows
+            kind = pc.index_in(b.column("round"), value_set=kinds).fill_null(-1)
+            self._kind[at : at + n] = kind.to_numpy(zero_copy_only=False)
+            self._index[at : at + n] = b.column("index").fill_null(-1).to_numpy(zero_copy_only=False)
+            self._kl[at : at + n] = b.column("kl").to_numpy(zero_copy_only=False)
+            self._pmi[at : at + n] = b.column("pmi").to_numpy(zero_copy_only=False)
+            # A record's rounds are consecutive rows: one digest per run of rows.
+            for i, key in enumerate(zip(b.column("context_mode").to_pylist(), b.column("id").to_pylist())):
+                if key != last:
+                    last = key
+                    h, low = self._digest(*key)
+                    hi.append(h)
+                    lo.append(low)
+                    start.append(at + i)
+            at += n
+        starts = np.array([*start, at], dtype=np.int64)
+        count = np.diff(starts).astype(np.int32)
+        hi_a, lo_a = np.array(hi, dtype=np.uint64), np.array(lo, dtype=np.uint64)
+        order = np.lexsort((lo_a, hi_a))
+        self._hi, self._lo = hi_a[order], lo_a[order]
+        self._start, self._count = starts[:-1][order], count[order]
 
     @staticmethod
     def _digest(mode: str, record_id: str) -> tuple[int, int]:
@@ -279,31 +312,17 @@ class Scores:
 
     @classmethod
     def from_batches(cls, batches: Iterable[list[dict[str, Any]]]) -> Scores:
-        """From batches of ``relevance.parquet`` rows."""
-        hi, lo, kind, index, kl, pmi = [], [], [], [], [], []
-        last: tuple[Any, tuple[int, int]] = (None, (0, 0))
-        for batch in batches:
-            for r in batch:
-                key = (r["context_mode"], r["id"])
-                if key != last[0]:
-                    last = (key, cls._digest(*key))  # a record's rounds are consecutive: one digest each
-                hi.append(last[1][0])
-                lo.append(last[1][1])
-                kind.append(ROUND_KINDS.index(r["round"]) if r["round"] in ROUND_KINDS else -1)
-                index.append(r["index"])
-                kl.append(np.nan if r["kl"] is None else r["kl"])
-                pmi.append(np.nan if r["pmi"] is None else r["pmi"])
-        return cls(
-            np.array(hi, dtype=np.uint64),
-            np.array(lo, dtype=np.uint64),
-            np.array(kind, dtype=np.int8),
-            np.array(index, dtype=np.int32),
-            np.array(kl, dtype=np.float64),
-            np.array(pmi, dtype=np.float64),
-        )
+        """From batches of ``relevance.parquet`` rows as dicts."""
+        tables = [pa.Table.from_pylist(b, schema=SCHEMA) for b in batches if b]
+        return cls((rb for t in tables for rb in t.to_batches()), sum(t.num_rows for t in tables))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Scores:
+        f = pq.ParquetFile(path)
+        return cls(f.iter_batches(columns=list(cls._COLUMNS)), f.metadata.num_rows)
 
     def __len__(self) -> int:
-        return len(self._hi)
+        return len(self._kind)
 
     def get(
         self, key: tuple[str, str], default: Any = None
@@ -311,17 +330,21 @@ class Scores:
         """``{(round, index): {"kl", "pmi"}}`` of the record ``(context_mode, id)``; ``default`` (or {})
         when it has no score."""
         h, low = self._digest(*key)
-        start = int(np.searchsorted(self._hi, np.uint64(h), side="left"))
-        stop = int(np.searchsorted(self._hi, np.uint64(h), side="right"))
+        first = int(np.searchsorted(self._hi, np.uint64(h), side="left"))
+        last = int(np.searchsorted(self._hi, np.uint64(h), side="right"))
         out: dict[tuple[str, int], dict[str, float | None]] = {}
-        for i in range(start, stop):
-            if int(self._lo[i]) != low or self._kind[i] < 0:
+        for r in range(first, last):
+            if int(self._lo[r]) != low:
                 continue
-            kl, pmi = float(self._kl[i]), float(self._pmi[i])
-            out[(ROUND_KINDS[self._kind[i]], int(self._index[i]))] = {
-                "kl": None if math.isnan(kl) else kl,
-                "pmi": None if math.isnan(pmi) else pmi,
-            }
+            begin = int(self._start[r])
+            for i in range(begin, begin + int(self._count[r])):
+                if self._kind[i] < 0:
+                    continue
+                kl, pmi = float(self._kl[i]), float(self._pmi[i])
+                out[(ROUND_KINDS[self._kind[i]], int(self._index[i]))] = {
+                    "kl": None if math.isnan(kl) else kl,
+                    "pmi": None if math.isnan(pmi) else pmi,
+                }
         return out if out or default is None else default
 
 
@@ -330,8 +353,7 @@ def read_scores(generations: str) -> Scores:
     path = Path(generations) / "generations" / RELEVANCE_FILE
     if not path.is_file():
         return Scores.from_batches([])
-    columns = ["id", "context_mode", "round", "index", "kl", "pmi"]
-    return Scores.from_batches(b.to_pylist() for b in pq.ParquetFile(path).iter_batches(columns=columns))
+    return Scores.from_file(path)
 
 
 def attach_scores(

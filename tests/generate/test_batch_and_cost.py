@@ -5,48 +5,20 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from tests.servers.openai_server import OpenAITestServer, fingerprint, make_reply
+from tests.generate.conftest import generate_config
+from tests.servers.openai_server import fingerprint, make_reply
 from viscon_hub.cli import main
 from viscon_hub.engine import EngineConfig
 from viscon_hub.errors import RunFailedError
-from viscon_hub.generate.stages import GenerateConfig, generate
-from viscon_hub.prepare.driver import PrepareConfig, prepare
+from viscon_hub.generate.stages import generate
 
 pytest.importorskip("openai")
 
 IGNORED = {"caption_model", "qa_model"}  # equal anyway: both runs name the same models
 
 
-@pytest.fixture(scope="module")
-def contexts(tmp_path_factory):
-    out = tmp_path_factory.mktemp("contexts")
-    prepare(PrepareConfig(output=str(out)))
-    return str(out)
-
-
-@pytest.fixture
-def server():
-    with OpenAITestServer() as s:
-        yield s
-
-
-@pytest.fixture(autouse=True)
-def _key(monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-never-logged")
-
-
 def config(contexts, server, tmp_path, backend="openai", **kw):
-    kw.setdefault("engine", EngineConfig(max_concurrency=8, backoff_base_s=0.01, backoff_max_s=0.05))
-    return GenerateConfig(
-        contexts=contexts,
-        output=str(tmp_path / "gen"),
-        cache=str(tmp_path / "cache"),
-        caption_model=f"{backend}:viscon-test-vlm",
-        qa_model=f"{backend}:viscon-test-llm",
-        base_url=server.base_url if server else None,
-        batch_poll_interval_s=0.02,
-        **kw,
-    )
+    return generate_config(contexts, server, tmp_path, backend=backend, batch_poll_interval_s=0.02, **kw)
 
 
 def records(tmp_path):

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.servers.openai_server import OpenAITestServer
+from tests.generate.conftest import generate_config
 from viscon_hub.engine import EngineConfig
 from viscon_hub.errors import ConfigError
 from viscon_hub.generate import stages
@@ -24,7 +24,6 @@ from viscon_hub.generate.stages import (
     read_generations,
     shard_slice,
 )
-from viscon_hub.prepare.driver import PrepareConfig, prepare
 from viscon_hub.records import IMAGE_CONTEXT_SCHEMA
 
 pytest.importorskip("openai")
@@ -33,36 +32,9 @@ pytest.importorskip("openai")
 RUN_FIGURES = ("elapsed_s",)
 
 
-@pytest.fixture(scope="module")
-def contexts(tmp_path_factory):
-    out = tmp_path_factory.mktemp("contexts")
-    prepare(PrepareConfig(output=str(out)))
-    return str(out)
-
-
-@pytest.fixture(scope="module")
-def server():
-    with OpenAITestServer() as s:
-        yield s
-
-
-@pytest.fixture(autouse=True)
-def _key(monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-never-logged")
-
-
 def config(contexts, server, out, **kw):
-    kw.setdefault("engine", EngineConfig(max_concurrency=8, backoff_base_s=0.01, backoff_max_s=0.05))
     kw.setdefault("context", "both")
-    return GenerateConfig(
-        contexts=contexts,
-        output=str(out / "gen"),
-        cache=str(out / "cache"),
-        caption_model="openai:viscon-test-vlm",
-        qa_model="openai:viscon-test-llm",
-        base_url=server.base_url,
-        **kw,
-    )
+    return generate_config(contexts, server, out, **kw)
 
 
 def summary(out) -> dict:

@@ -4,22 +4,15 @@ import json
 
 import pytest
 
+from tests.generate.conftest import generate_config
 from tests.servers.openai_server import OpenAITestServer
 from viscon_hub.cli import main
 from viscon_hub.engine import EngineConfig
 from viscon_hub.errors import ConfigError, EndpointError, RunFailedError
-from viscon_hub.generate.stages import GenerateConfig, generate
-from viscon_hub.prepare.driver import PrepareConfig, prepare
+from viscon_hub.generate.stages import generate
 
 pytest.importorskip("openai")
 DEAD = "http://127.0.0.1:9/v1"  # the discard port: nothing listens, every connection is refused
-
-
-@pytest.fixture(scope="module")
-def contexts(tmp_path_factory):
-    out = tmp_path_factory.mktemp("contexts")
-    prepare(PrepareConfig(output=str(out)))
-    return str(out)
 
 
 def gen_args(contexts, tmp_path, *extra):
@@ -103,18 +96,8 @@ def test_bad_max_error_rate(value, contexts, tmp_path, capsys):
 
 
 def run(contexts, tmp_path, server, **engine):
-    return generate(
-        GenerateConfig(
-            contexts=contexts,
-            output=str(tmp_path / "gen"),
-            cache=str(tmp_path / "cache"),
-            caption_model="openai:viscon-test-vlm",
-            qa_model="openai:viscon-test-llm",
-            base_url=server.base_url,
-            limit=6,
-            engine=EngineConfig(max_concurrency=4, backoff_base_s=0.01, backoff_max_s=0.02, **engine),
-        )
-    )
+    fast = EngineConfig(max_concurrency=4, backoff_base_s=0.01, backoff_max_s=0.02, **engine)
+    return generate(generate_config(contexts, server, tmp_path, limit=6, engine=fast))
 
 
 def test_always_failing_server_trips_the_breaker(contexts, tmp_path, monkeypatch):

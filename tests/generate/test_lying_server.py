@@ -5,20 +5,14 @@ import json
 import pytest
 
 from tests.engine.test_engine_faults import backend_for, engine_for, req
-from tests.servers.openai_server import OpenAITestServer
+from tests.generate.conftest import generate_config
 from viscon_hub.engine import EngineConfig
 from viscon_hub.engine.prices import PriceTable
 from viscon_hub.errors import RunFailedError
-from viscon_hub.generate.stages import GenerateConfig, generate
+from viscon_hub.generate.stages import generate
 from viscon_hub.prepare.driver import PrepareConfig, prepare
 
 pytest.importorskip("openai")
-
-
-@pytest.fixture
-def server():
-    with OpenAITestServer() as s:
-        yield s
 
 
 @pytest.mark.parametrize(
@@ -59,25 +53,8 @@ def contexts(tmp_path_factory):
 
 
 def gen(contexts, server, tmp_path, **kw):
-    return generate(
-        GenerateConfig(
-            contexts=contexts,
-            output=str(tmp_path / "gen"),
-            cache=str(tmp_path / "cache"),
-            caption_model="openai:viscon-test-vlm",
-            qa_model="openai:viscon-test-llm",
-            base_url=server.base_url,
-            engine=EngineConfig(
-                max_concurrency=4, backoff_base_s=0.01, backoff_max_s=0.02, max_error_rate=1.0
-            ),
-            **kw,
-        )
-    )
-
-
-@pytest.fixture(autouse=True)
-def _key(monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    fast = EngineConfig(max_concurrency=4, backoff_base_s=0.01, backoff_max_s=0.02, max_error_rate=1.0)
+    return generate(generate_config(contexts, server, tmp_path, engine=fast, **kw))
 
 
 def stats_on_disk(tmp_path):

@@ -11,49 +11,21 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.servers.openai_server import OpenAITestServer
+from tests.generate.conftest import generate_config
 from viscon_hub.engine import EngineConfig
 from viscon_hub.errors import ConfigError, RunFailedError
 from viscon_hub.generate.stages import GenerateConfig, generate
-from viscon_hub.prepare.driver import PrepareConfig, prepare
 
 pytest.importorskip("openai")
 SERVER_SCRIPT = Path(__file__).parents[1] / "servers" / "openai_server.py"
 
 
-@pytest.fixture(scope="module")
-def contexts(tmp_path_factory):
-    out = tmp_path_factory.mktemp("contexts")
-    prepare(PrepareConfig(output=str(out)))
-    return str(out)
-
-
-@pytest.fixture
-def server():
-    with OpenAITestServer() as s:
-        yield s
-
-
 def config(contexts, server, tmp_path, **kw):
-    kw.setdefault("engine", EngineConfig(max_concurrency=8, backoff_base_s=0.01, backoff_max_s=0.05))
-    return GenerateConfig(
-        contexts=contexts,
-        output=str(tmp_path / "gen"),
-        cache=str(tmp_path / "cache"),
-        caption_model="openai:viscon-test-vlm",
-        qa_model="openai:viscon-test-llm",
-        base_url=server.base_url,
-        **kw,
-    )
+    return generate_config(contexts, server, tmp_path, **kw)
 
 
 def records(tmp_path):
     return pq.read_table(tmp_path / "gen" / "generations" / "records.parquet").to_pylist()
-
-
-@pytest.fixture(autouse=True)
-def _key(monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-never-logged")
 
 
 def test_generate_captions_and_both_qa_kinds(contexts, server, tmp_path):

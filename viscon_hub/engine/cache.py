@@ -288,24 +288,18 @@ class GenerationCache:
     ) -> Usage:
         """What the replies under ``keys`` cost, per model; each key counted once, missing keys skipped."""
         usage = Usage(prices, batch_models=batch_models)
-        wanted = [k for k in dict.fromkeys(keys) if k]
         # Streamed in shard order and only the cost columns read: the merge asks for every key of a build.
-        found: set[str] = set()
-        for key, c in self._records(wanted, hits_only=True, columns=_USAGE_COLUMNS):
-            if _is_hit(c):
-                found.add(key)
-                usage.add(c.model or "unknown", c.prompt_tokens, c.completion_tokens)
-        missing = [k for k in wanted if k not in found]
-        del found
-        for layer in self.fallbacks:
+        # This cache first, then each fallback layer for the keys still missing.
+        missing = [k for k in dict.fromkeys(keys) if k]
+        for layer in (self, *self.fallbacks):
             if not missing:
                 break
-            seen: set[str] = set()
+            found: set[str] = set()
             for key, c in layer._records(missing, hits_only=True, columns=_USAGE_COLUMNS):
                 if _is_hit(c):
-                    seen.add(key)
+                    found.add(key)
                     usage.add(c.model or "unknown", c.prompt_tokens, c.completion_tokens)
-            missing = [k for k in missing if k not in seen]
+            missing = [k for k in missing if k not in found]
         return usage
 
     def __iter__(self) -> Iterator[Completion]:

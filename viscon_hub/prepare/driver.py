@@ -316,18 +316,21 @@ def _attach_images(
     sources = [ImageSource(url=c.image_url, path=c.image_path, data=c.image_bytes) for c in contexts]
     results = acquire_images_sync(sources, policy=config.fetch, store=store)
     kept = []
+
+    def drop(ctx: ImageContext, reason: str, detail: str | None = None) -> None:
+        stats.drop(reason)
+        drops.add(
+            source=ctx.source,
+            row=ctx.row,
+            reason=reason,
+            document_id=ctx.document_id,
+            image_index=ctx.image_index,
+            detail=detail,
+        )
+
     for ctx, result in zip(contexts, results):
         if result.status != "ok":
-            reason = f"image_{result.reason}"
-            stats.drop(reason)
-            drops.add(
-                source=ctx.source,
-                row=ctx.row,
-                reason=reason,
-                document_id=ctx.document_id,
-                image_index=ctx.image_index,
-                detail=result.error,
-            )
+            drop(ctx, f"image_{result.reason}", result.error)
             continue
         ctx.image_sha256 = result.sha256
         ctx.width, ctx.height, ctx.image_format = result.width, result.height, result.format
@@ -335,14 +338,7 @@ def _attach_images(
         if filters is not None:
             reason = filters.image(ctx, store.get(result.sha256) if filters.needs_bytes else None)
             if reason is not None:
-                stats.drop(reason)
-                drops.add(
-                    source=ctx.source,
-                    row=ctx.row,
-                    reason=reason,
-                    document_id=ctx.document_id,
-                    image_index=ctx.image_index,
-                )
+                drop(ctx, reason)
                 continue
         kept.append(ctx)
     return kept

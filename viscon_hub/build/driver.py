@@ -211,9 +211,7 @@ def build(config: BuildConfig, *, progress: Callable[[str], None] | None = None)
         )
     say("generate")
     generated = run_generate(gen, runner=config.runner)
-    relevance = replace(
-        config.relevance, base_url=config.relevance.base_url or gen.base_url, engine=gen.engine
-    )
+    relevance = config.relevance  # resolved with the build: generate's engine and endpoint
     scored = None
     if relevance.model:
         from viscon_hub.generate.relevance import score_generations

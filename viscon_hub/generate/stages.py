@@ -156,13 +156,12 @@ class GenerateConfig:
             raise ConfigError(f"reasks must be >= 0; got {self.reasks}")
         if not 1 <= self.min_rounds <= self.max_rounds:
             raise ConfigError(f"need 1 <= min_rounds <= max_rounds; got {self.min_rounds}, {self.max_rounds}")
-        uses_batch = "openai-batch" in (parse_spec(self.caption_model)[0], parse_spec(self.qa_model)[0])
-        if (uses_batch or self.batch_results) and not is_local(fsspec.core.url_to_fs(self.cache)[0]):
+        if (self.uses_batch or self.batch_results) and not is_local(fsspec.core.url_to_fs(self.cache)[0]):
             raise ConfigError(
                 f"openai-batch and --batch-results keep batch files in the cache folder, which must be "
                 f"local; got --cache {self.cache!r}"
             )
-        if self.batch_file_only and not uses_batch:
+        if self.batch_file_only and not self.uses_batch:
             raise ConfigError("--batch-file-only needs an openai-batch:MODEL caption or Q&A model")
 
     @property
@@ -198,8 +197,13 @@ def shard_slice(items: list, num_shards: int, shard_index: int) -> list:
     >>> [shard_slice(list(range(5)), 2, i) for i in (0, 1)]
     [[0, 1], [2, 3, 4]]
     """
-    n = len(items)
-    return items[n * shard_index // num_shards : n * (shard_index + 1) // num_shards]
+    start, stop = share_bounds(len(items), num_shards, shard_index)
+    return items[start:stop]
+
+
+def share_bounds(n: int, num_shards: int, shard_index: int) -> tuple[int, int]:
+    """``(start, stop)`` of the contiguous share of ``n`` items that shard ``shard_index`` owns."""
+    return n * shard_index // num_shards, n * (shard_index + 1) // num_shards
 
 
 @dataclass(slots=True)
@@ -257,7 +261,7 @@ def context_share(folder: str, *, limit: int | None, num_shards: int, shard_inde
     n = count_contexts(folder)
     if limit is not None:
         n = min(n, limit)
-    return n * shard_index // num_shards, n * (shard_index + 1) // num_shards
+    return share_bounds(n, num_shards, shard_index)
 
 
 def iter_contexts(
